@@ -1,0 +1,96 @@
+"""Wrap the unchanged model with TorchRec's planner + DistributedModelParallel. No model math here.
+
+The model is built with its EmbeddingBagCollection on the meta device; the planner decides where each table lives
+(table_wise / column_wise / row_wise ...), given the real memory of this machine, and DMP materialises only the shards
+this rank owns. Dense layers are replicated and wrapped in DDP by DMP itself — so the result must NOT be passed to
+Ray's `prepare_model`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.types import HardwareConfig, KernelConfig, TopologyFactory, TrainerConfig
+from torchrec.distributed.types import ShardingPlan
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+log = logging.getLogger(__name__)
+
+# What fbgemm/TorchRec can run per device (row_wise needs the GPU kernels). data_parallel is offered only on request:
+# it replicates whole tables on every rank, which defeats the point for the large id tables of this field.
+SUPPORTED_SHARDING_TYPES: Dict[str, List[str]] = {
+    "cpu": ["table_wise", "column_wise", "table_column_wise", "data_parallel"],
+    "cuda": ["table_wise", "column_wise", "row_wise", "table_row_wise", "table_column_wise", "data_parallel"],
+}
+DEFAULT_SHARDING_TYPES: Dict[str, List[str]] = {
+    "cpu": ["table_wise", "column_wise"],
+    "cuda": ["table_wise", "column_wise", "row_wise", "table_row_wise"],
+}
+
+
+def allowed_sharding_types(requested: Sequence[str], device: torch.device) -> List[str]:
+    kind = device.type
+    if not requested:
+        return list(DEFAULT_SHARDING_TYPES[kind])
+    bad = [t for t in requested if t not in SUPPORTED_SHARDING_TYPES[kind]]
+    if bad:
+        raise ValueError(f"train.sharding_types {bad} are not supported on {kind}; "
+                         f"supported there: {SUPPORTED_SHARDING_TYPES[kind]}")
+    return list(requested)
+
+
+def _memory_per_rank(local_world_size: int) -> int:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(0.8 * total / max(1, local_world_size))
+
+
+def find_ebcs(model: nn.Module) -> Dict[str, EmbeddingBagCollection]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, EmbeddingBagCollection)}
+
+
+def plan_sharding(model: nn.Module, device: torch.device, sharding_types: Sequence[str], world_size: int,
+                  local_world_size: int, pg: Optional[dist.ProcessGroup] = None) -> ShardingPlan:
+    """Collective plan (identical on every rank) for every EmbeddingBagCollection in `model`."""
+    types = allowed_sharding_types(sharding_types, device)
+    constraints = {
+        cfg.name: ParameterConstraints(sharding_types=types)
+        for ebc in find_ebcs(model).values() for cfg in ebc.embedding_bag_configs()
+    }
+    mem = _memory_per_rank(local_world_size)
+    hardware = HardwareConfig(ddr_cap_bytes=mem,
+                              hbm_cap_bytes=torch.cuda.get_device_properties(device).total_memory
+                              if device.type == "cuda" else mem)
+    topology = TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=world_size, local_world_size=local_world_size),
+        hardware_config=hardware, kernel_config=KernelConfig(compute_device=device.type))
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    sharders = [EmbeddingBagCollectionSharder()]
+    return planner.collective_plan(model, sharders, pg or dist.GroupMember.WORLD)
+
+
+def shard_model(model: nn.Module, device: torch.device, sharding_types: Sequence[str], world_size: int,
+                local_world_size: int) -> DistributedModelParallel:
+    """Plan + DMP. Fused embedding optimizers must already be attached (distributed.optim.apply_sparse_optimizer)."""
+    plan = plan_sharding(model, device, sharding_types, world_size, local_world_size)
+    if dist.get_rank() == 0:
+        log.info("sharding plan:\n%s", plan)
+    return DistributedModelParallel(module=model, device=device, plan=plan,
+                                    sharders=[EmbeddingBagCollectionSharder()])
+
+
+def describe_plan(dmp: DistributedModelParallel) -> Dict[str, str]:
+    """table name -> 'sharding_type@ranks', for logs and metrics.json."""
+    out: Dict[str, str] = {}
+    for module_plan in dmp.plan.plan.values():
+        for table, ps in module_plan.items():  # type: ignore[union-attr]
+            ranks = sorted(set(ps.ranks or []))
+            out[table] = f"{ps.sharding_type}@{ranks}"
+    return out

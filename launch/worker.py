@@ -1,0 +1,206 @@
+"""The per-worker training loop run by Ray Train on every rank (with the driver, the only Ray-aware code).
+
+Per epoch: rank 0 computes the curriculum p (eq. 4) and broadcasts it; every rank trains the same number of steps on
+its own Parquet shards; the whole validation split is scored across ranks; a sharded DCP checkpoint is reported to
+Ray; early stopping watches the validation score. At the end the best epoch is restored, the test split is scored,
+and rank 0 writes metrics.json plus a reference batch that the export step checks the TorchScript model against.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List
+
+import ray.train
+import torch
+
+from data_pipeline.reader import ShardReader, shard_files_for_rank
+from data_pipeline.spec import DatasetSpec
+from distributed.checkpoint import load_checkpoint, read_train_state, save_checkpoint
+from distributed.collectives import agree_max, agree_min, any_rank, broadcast_float, gather_floats
+from distributed.env import current_env, set_intra_op_threads
+from distributed.optim import apply_sparse_optimizer, build_optimizer, resolve_sparse_optimizer
+from distributed.sharding import describe_plan, shard_model
+from launch.config import Config, config_from_dict, to_dict
+from launch.evaluation import evaluate, validation_score
+from launch.tracking import start_tracker
+from pimm_model.model import MultiTaskTrain, build_model
+from pimm_model.schedules import curriculum_p
+
+METRICS_FILE = "metrics.json"
+EXPORT_REFERENCE_FILE = "export_reference.pt"
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"epoch_{epoch:03d}"
+
+
+def _say(is_rank_zero: bool, msg: str) -> None:
+    if is_rank_zero:
+        print(f"[pimm] {msg}", flush=True)
+
+
+def _write_json_atomic(path: str, data: Dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def train_loop_per_worker(config: Dict[str, Any]) -> None:
+    cfg: Config = config_from_dict(config["cfg"])
+    run_dir: str = config["run_dir"]
+    run_id: str = config["run_id"]
+    env = current_env(cfg.train.use_gpu)
+    zero = env.is_rank_zero
+    set_intra_op_threads(cfg.train.cpus_per_worker)
+
+    # ---- data: each rank reads only its own shard files
+    spec = DatasetSpec.load(cfg.data.path)
+    tasks: List[str] = spec.labels
+    bs = cfg.train.batch_size
+    readers = {
+        split: ShardReader(spec, shard_files_for_rank(spec.files(split), env.rank, env.world_size), bs,
+                           shuffle=(split == "train"), seed=cfg.seed)
+        for split in ("train", "valid", "test")
+    }
+    train_steps = agree_min(readers["train"].num_full_batches())
+    if train_steps == 0:
+        raise ValueError(f"train.batch_size={bs} is larger than the smallest worker's share of the train split "
+                         f"({readers['train'].num_rows()} rows on rank {env.rank}); lower the batch size or workers")
+    eval_steps = {s: agree_max(readers[s].num_padded_batches()) for s in ("valid", "test")}
+
+    # ---- model: same initialisation on every rank for the same seed; embeddings on meta until sharded
+    torch.manual_seed(cfg.seed)
+    fields = [(f.name, f.num_embeddings) for f in spec.fields]
+    model = MultiTaskTrain(build_model(cfg.model, fields, len(tasks), embedding_device=torch.device("meta")))
+    sparse_opt = resolve_sparse_optimizer(cfg.train.sparse_optimizer, cfg.train.use_gpu)
+    apply_sparse_optimizer(model.model.embedding, sparse_opt, cfg.train.sparse_lr, cfg.train.embedding_l2)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+    dmp = shard_model(model, env.device, cfg.train.sharding_types, env.world_size, local_world)
+    optimizer = build_optimizer(dmp, cfg.train.lr, cfg.train.weight_decay)
+    train_module: MultiTaskTrain = dmp.module  # the unwrapped train wrapper: where p is set
+    torch.manual_seed(cfg.seed * 7919 + 1 + env.rank)  # PIM sampling and dropout differ per rank, reproducibly
+    _say(zero, f"{env.world_size} workers, {train_steps} steps/epoch of {bs} rows each, sparse optimizer "
+               f"{sparse_opt}, plan {describe_plan(dmp)}")
+
+    # ---- resume (after a worker failure Ray hands back the last reported checkpoint)
+    state: Dict[str, Any] = {"epoch": -1, "best_epoch": -1, "best_score": None, "history": []}
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            state = load_checkpoint(d, dmp, optimizer)
+        _say(zero, f"restored from epoch {state['epoch']} (best {state['best_epoch']})")
+
+    tracker = start_tracker(zero, cfg.wandb.mode, cfg.wandb.project, cfg.wandb.entity, cfg.wandb.group, run_dir,
+                            run_id, to_dict(cfg))
+    try:
+        for epoch in range(state["epoch"] + 1, cfg.train.epochs):
+            # eq. (4) on rank 0 only, then broadcast: every worker uses exactly the value it received
+            p = broadcast_float(curriculum_p(cfg.curriculum, epoch, 0, train_steps) if zero else None)
+            train_module.set_p(p)
+            received = gather_floats(train_module.p)
+            train_loss, seconds = _train_epoch(dmp, optimizer, readers["train"], epoch, train_steps, tasks, cfg,
+                                               env.world_size, zero)
+            samples_per_s = train_steps * bs * env.world_size / max(seconds, 1e-9)
+            val = evaluate(dmp, readers["valid"].iter_eval(eval_steps["valid"]), tasks)
+            score = validation_score(val, tasks, cfg.train.early_stop_metric)
+            improved = state["best_score"] is None or score > state["best_score"]
+            if improved:
+                state["best_epoch"], state["best_score"] = epoch, score
+            record = {"epoch": epoch, "p": p, "p_received_by_rank": received, "train_loss": train_loss,
+                      "samples_per_s": samples_per_s, "epoch_seconds": seconds, "valid": val, "valid_score": score}
+            state["history"].append(record)
+            state["epoch"] = epoch
+            _say(zero, f"epoch {epoch + 1}/{cfg.train.epochs} p={p:.4f} loss={sum(train_loss.values()):.4f} "
+                       f"{samples_per_s:,.0f} samples/s valid AUC "
+                       + " ".join(f"{t}={val['auc'][t]:.4f}" for t in tasks) + (" (best)" if improved else ""))
+            tracker.log({"epoch": epoch, "p": p, "samples_per_s": samples_per_s, "valid/score": score,
+                         **{f"train/loss_{t}": v for t, v in train_loss.items()},
+                         **{f"valid/auc_{t}": v for t, v in val["auc"].items()},
+                         **{f"valid/logloss_{t}": v for t, v in val["logloss"].items()}}, step=epoch)
+            _report_checkpoint(dmp, optimizer, state, epoch,
+                               {"epoch": epoch, "p": p, "valid_score": score, "samples_per_s": samples_per_s})
+            if epoch - state["best_epoch"] >= max(cfg.train.patience, 1) and epoch + 1 < cfg.train.epochs:
+                _say(zero, f"early stop: no validation improvement for {epoch - state['best_epoch']} epochs")
+                break
+
+        # ---- the best epoch's weights give the test metrics and the exported model
+        best_dir = os.path.join(run_dir, checkpoint_name(state["best_epoch"]))
+        load_checkpoint(best_dir, dmp)
+        test = evaluate(dmp, readers["test"].iter_eval(eval_steps["test"]), tasks)
+        reference = _reference_batch(dmp, readers["test"])
+        _say(zero, f"test AUC (best epoch {state['best_epoch'] + 1}) "
+                   + " ".join(f"{t}={test['auc'][t]:.4f}" for t in tasks))
+        if zero:
+            torch.save(reference, os.path.join(run_dir, EXPORT_REFERENCE_FILE))
+            metrics = {"tasks": tasks, "best_epoch": state["best_epoch"], "best_checkpoint": best_dir,
+                       "early_stop_metric": cfg.train.early_stop_metric, "epochs": state["history"],
+                       "test": test, "world_size": env.world_size, "sparse_optimizer": sparse_opt,
+                       "sharding_plan": describe_plan(dmp)}
+            _write_json_atomic(os.path.join(run_dir, METRICS_FILE), metrics)
+            tracker.summary({f"test/auc_{t}": v for t, v in test["auc"].items()})
+        ray.train.report({"done": 1, "best_epoch": state["best_epoch"],
+                          **{f"test_auc_{t}": v for t, v in test["auc"].items()}})
+    finally:
+        tracker.finish()
+
+
+def _train_epoch(dmp, optimizer, reader: ShardReader, epoch: int, steps: int, tasks: List[str], cfg: Config,
+                 world_size: int, zero: bool):
+    dmp.train()
+    sums = torch.zeros(len(tasks), dtype=torch.float64)
+    start = last = time.perf_counter()
+    for step, batch in enumerate(reader.iter_train(epoch, steps)):
+        optimizer.zero_grad()
+        loss, (task_losses, _, _, _) = dmp(batch)
+        # every rank joins this tiny all-reduce each step, so a NaN on any rank stops all of them together
+        if any_rank(not bool(torch.isfinite(loss))):
+            worst = [t for t, v in zip(tasks, task_losses.tolist()) if v != v or abs(v) == float("inf")]
+            raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {step}, task(s) {worst or '(other rank)'}"
+                                     ": lower train.lr / train.sparse_lr; the last good checkpoint is kept")
+        loss.backward()
+        optimizer.step()
+        sums += task_losses.double()
+        if zero and (step + 1) % cfg.train.log_every == 0:
+            now = time.perf_counter()
+            rate = cfg.train.log_every * cfg.train.batch_size * world_size / max(now - last, 1e-9)
+            last = now
+            print(f"[pimm] epoch {epoch + 1} step {step + 1}/{steps} loss {loss.detach().item():.4f} "
+                  f"{rate:,.0f} samples/s", flush=True)
+    seconds = time.perf_counter() - start
+    return {t: float(v) / max(steps, 1) for t, v in zip(tasks, sums.tolist())}, seconds
+
+
+def _report_checkpoint(dmp, optimizer, state: Dict[str, Any], epoch: int, metrics: Dict[str, Any]) -> None:
+    """Every rank writes its shards to a local folder; Ray merges them into <run dir>/epoch_XXX."""
+    local = tempfile.mkdtemp(prefix="pimm-ckpt-")
+    try:
+        save_checkpoint(local, dmp, optimizer, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
+                         checkpoint_dir_name=checkpoint_name(epoch))
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
+@torch.no_grad()
+def _reference_batch(dmp, reader: ShardReader) -> Dict[str, torch.Tensor]:
+    """One real test batch and the sharded model's eval probabilities for it (collective: all ranks run it)."""
+    dmp.eval()
+    batch = next(iter(reader.iter_eval(1)))
+    _, (_, logits, _, weights) = dmp(batch)
+    keep = weights > 0
+    kjt = batch.features
+    return {"values": kjt.values(), "lengths": kjt.lengths(), "keys": list(kjt.keys()),
+            "probs": torch.sigmoid(logits.float()), "keep": keep}
+
+
+__all__ = ["train_loop_per_worker", "read_train_state", "checkpoint_name", "METRICS_FILE", "EXPORT_REFERENCE_FILE"]
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("launch/worker.py is run by Ray Train; start training with launch/train.py")
