@@ -67,3 +67,8 @@ def gather_floats(value: float) -> List[float]:
 def any_rank(flag: bool) -> bool:
     """True on every rank if any rank passes True (e.g. a NaN loss seen on one rank stops all of them together)."""
     return _reduce_int(int(flag), dist.ReduceOp.MAX if _active() else None) > 0
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()

@@ -22,7 +22,7 @@ import torch
 from data_pipeline.reader import ShardReader, shard_files_for_rank
 from data_pipeline.spec import DatasetSpec
 from distributed.checkpoint import load_checkpoint, read_train_state, save_checkpoint
-from distributed.collectives import agree_max, agree_min, any_rank, broadcast_float, gather_floats
+from distributed.collectives import agree_max, agree_min, any_rank, barrier, broadcast_float, gather_floats
 from distributed.env import current_env, set_intra_op_threads
 from distributed.optim import apply_sparse_optimizer, build_optimizer, resolve_sparse_optimizer
 from distributed.sharding import describe_plan, shard_model
@@ -184,6 +184,9 @@ def _report_checkpoint(dmp, optimizer, state: Dict[str, Any], epoch: int, metric
         save_checkpoint(local, dmp, optimizer, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local),
                          checkpoint_dir_name=checkpoint_name(epoch))
+        # report() returns on each rank once ITS files are uploaded; a rank that reads the merged checkpoint next
+        # (the best epoch, at the end) must wait until every rank's upload is complete.
+        barrier()
     finally:
         shutil.rmtree(local, ignore_errors=True)
 
