@@ -32,3 +32,29 @@ def multitask_bce(logits: Tensor, labels: Tensor, weights: Tensor) -> Tuple[Tens
     denominator = torch.where(total_weight > 0, total_weight, torch.ones_like(total_weight))  # ()
     per_task = numerator / denominator  # (T,)
     return per_task.sum(), per_task
+
+
+def label_constraint(logits: Tensor, weights: Tensor) -> Tensor:
+    """AITM's label constraint: the mean over rows and adjacent task pairs of max(ŷ_t - ŷ_{t-1}, 0), in fp32.
+
+    It penalises a later task predicted more likely than the one it depends on. Averaged, not summed, as in the
+    official AITM code (``tf.reduce_mean``); several task pairs are averaged too, so the weight means the same
+    whatever the chain length.
+
+    Args:
+        logits: (B, T) logits, tasks in chain order (T >= 2).
+        weights: (B,) row weights (0 for padding rows, which are left out).
+
+    Returns:
+        the constraint (); 0 when the weights sum to 0.
+    """
+    if logits.dim() != 2 or logits.shape[1] < 2 or weights.shape != logits.shape[:1]:
+        raise ValueError(f"expected logits (B, T >= 2) and weights (B,), got {tuple(logits.shape)}, "
+                         f"{tuple(weights.shape)}")
+    probs = torch.sigmoid(logits.float())  # (B, T)
+    weights = weights.float()
+    excess = torch.relu(probs[:, 1:] - probs[:, :-1])  # (B, T-1)  max(ŷ_t - ŷ_{t-1}, 0)
+    numerator = (excess * weights.unsqueeze(-1)).sum()  # ()
+    total_weight = weights.sum() * excess.shape[1]  # ()  rows x task pairs
+    denominator = torch.where(total_weight > 0, total_weight, torch.ones_like(total_weight))  # ()
+    return numerator / denominator

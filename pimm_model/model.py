@@ -69,6 +69,10 @@ class BatchLike(Protocol):
 class MultiTaskTrain(nn.Module):
     """Wraps a ``MultiTaskModel`` with the loss (like torchrec's ``DLRMTrain``).
 
+    The loss is the sum over tasks of the per-task BCE over the entire space (``multitask_bce``), plus the head's
+    own extra term when the head defines ``extra_loss(logits (B, T), labels (B, T), weights (B,)) -> ()`` (e.g.
+    AITM's label constraint). The extra term is part of the returned loss but not of the per-task losses.
+
     Args:
         model: the model to train.
     """
@@ -77,6 +81,8 @@ class MultiTaskTrain(nn.Module):
         super().__init__()
         self.model = model
         self.p = 0.0
+        # decided once here, not per step: whether the head adds a term of its own to the loss
+        self.head_has_extra_loss = callable(getattr(model.head, "extra_loss", None))
 
     def set_p(self, p: float) -> None:
         """Sets the curriculum probability used by the PIM modules (once per epoch, by the trainer)."""
@@ -89,4 +95,6 @@ class MultiTaskTrain(nn.Module):
         except the loss."""
         logits = self.model(batch.features, batch.labels, self.p)  # (B, T)
         loss, per_task = multitask_bce(logits, batch.labels, batch.weights)  # (), (T,)
+        if self.head_has_extra_loss:
+            loss = loss + self.model.head.extra_loss(logits, batch.labels, batch.weights)  # ()
         return loss, (per_task.detach(), logits.detach(), batch.labels, batch.weights)

@@ -1,3 +1,3 @@
 """Multi-task heads; importing this package registers every built-in head in ``pimm_model.registry``."""
 
-from pimm_model.models import pimm  # noqa: F401
+from pimm_model.models import aitm, esmm, linear, mmoe, mncm, pimm, ple, shared_bottom  # noqa: F401
