@@ -6,13 +6,24 @@ import torch
 from torch import Tensor, nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
+# fbgemm's fused table-batched kernels (the ones that update embedding rows inside backward) need every table's
+# width, and every column shard's width, to be a multiple of 4. The paper uses D = 5 on Ali-CCP, so tables are
+# STORED at the next multiple of 4 and the model reads only their first D columns: sum pooling is per column, so
+# slicing after pooling is exact, and the spare columns are never read, get no gradient and are not exported.
+STORAGE_ALIGN = 4
+
+
+def storage_dim(dim: int) -> int:
+    """Stored table width for a model embedding size ``dim`` (the next multiple of STORAGE_ALIGN)."""
+    return -(-dim // STORAGE_ALIGN) * STORAGE_ALIGN
+
 
 def make_tables(fields: Sequence[Tuple[str, int]], dim: int) -> List[EmbeddingBagConfig]:
     """One embedding table per field.
 
     Args:
         fields: (field name, number of ids) per field, in the order of the concatenated output.
-        dim: embedding size D of every field.
+        dim: embedding size D of every field (the table is stored ``storage_dim(D)`` wide).
 
     Returns:
         Table configs named ``t_<field>``, each with the single feature ``<field>`` and SUM pooling.
@@ -27,7 +38,7 @@ def make_tables(fields: Sequence[Tuple[str, int]], dim: int) -> List[EmbeddingBa
         tables.append(
             EmbeddingBagConfig(
                 name=f"t_{name}",
-                embedding_dim=dim,
+                embedding_dim=storage_dim(dim),
                 num_embeddings=num,
                 feature_names=[name],
                 pooling=PoolingType.SUM,
@@ -42,13 +53,21 @@ class EmbeddingArch(nn.Module):
     Args:
         tables: table configs (see ``make_tables``).
         device: where the tables are allocated; ``torch.device("meta")`` defers allocation to the sharder.
+        dim: embedding size D the model uses per field (the first D columns of each table); default: the
+            tables' own width.
     """
 
-    def __init__(self, tables: List[EmbeddingBagConfig], device: Optional[torch.device] = None) -> None:
+    def __init__(
+        self, tables: List[EmbeddingBagConfig], device: Optional[torch.device] = None, dim: Optional[int] = None
+    ) -> None:
         super().__init__()
         # the attribute name `ebc` is what the sharding code looks for (`embedding.ebc`)
         self.ebc = EmbeddingBagCollection(tables=tables, device=device)
-        self._out_dim = sum(t.embedding_dim * len(t.feature_names) for t in tables)
+        widths = {t.embedding_dim for t in tables}
+        self.dim: int = dim if dim is not None else min(widths)
+        if any(w < self.dim for w in widths):
+            raise ValueError(f"embedding dim {self.dim} is wider than a table ({sorted(widths)})")
+        self._out_dim = sum(self.dim * len(t.feature_names) for t in tables)
         self.feature_names: List[str] = [f for t in tables for f in t.feature_names]
 
     @property
@@ -60,5 +79,5 @@ class EmbeddingArch(nn.Module):
         # features: F keys, B rows each -> pooled (B, F*D), fields in table order whatever the KJT key order.
         # A SHARDED collection returns its KeyedTensor with keys grouped by shard (e.g. f0, f2, f1 for two ranks),
         # so `.values()` would silently permute the fields; regroup by name to keep the towers' input layout.
-        pooled = self.ebc(features).to_dict()  # field -> (B, D)
-        return torch.cat([pooled[name] for name in self.feature_names], dim=1)  # (B, F*D)
+        pooled = self.ebc(features).to_dict()  # field -> (B, storage_dim(D))
+        return torch.cat([pooled[name][:, : self.dim] for name in self.feature_names], dim=1)  # (B, F*D)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from pimm_model.config import ModelConfig
+from pimm_model.embedding import storage_dim
 from pimm_model.registry import build_head
 
 
@@ -99,9 +100,11 @@ def inference_model_from_state(
         key = f"{prefix}embedding.ebc.embedding_bags.t_{name}.weight"
         if key not in state_dict:
             raise KeyError(f"missing embedding table {key!r} in the state dict")
-        weight = state_dict[key].detach().to(device="cpu", dtype=torch.float32).clone()  # no storage shared
-        if weight.shape != (num, cfg.embedding_dim):
-            raise ValueError(f"{key} has shape {tuple(weight.shape)}, expected {(num, cfg.embedding_dim)}")
+        stored = (num, storage_dim(cfg.embedding_dim))
+        if tuple(state_dict[key].shape) != stored:
+            raise ValueError(f"{key} has shape {tuple(state_dict[key].shape)}, expected {stored}")
+        # only the first D columns are the model's (see embedding.STORAGE_ALIGN); clone: no storage shared
+        weight = state_dict[key].detach()[:, : cfg.embedding_dim].to(device="cpu", dtype=torch.float32).clone()
         bags.append(nn.EmbeddingBag.from_pretrained(weight, freeze=True, mode="sum"))
     head = build_head(cfg, len(fields) * cfg.embedding_dim, num_tasks)
     head_prefix = f"{prefix}head."

@@ -53,7 +53,7 @@ def build_model(
         embedding_device: where the embedding tables are allocated (``torch.device("meta")`` before sharding);
             the head is always built on CPU.
     """
-    embedding = EmbeddingArch(make_tables(fields, cfg.embedding_dim), device=embedding_device)
+    embedding = EmbeddingArch(make_tables(fields, cfg.embedding_dim), device=embedding_device, dim=cfg.embedding_dim)
     head = build_head(cfg, embedding.out_dim, num_tasks)
     return MultiTaskModel(embedding, head)
 

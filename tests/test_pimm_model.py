@@ -7,7 +7,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from pimm_model.config import ModelConfig
-from pimm_model.embedding import EmbeddingArch, make_tables
+from pimm_model.embedding import EmbeddingArch, make_tables, storage_dim
 from pimm_model.losses import multitask_bce
 from pimm_model.model import MultiTaskModel, MultiTaskTrain, build_model
 from pimm_model.models.pimm import PIMMHead
@@ -158,7 +158,10 @@ def test_multitask_bce_fp32_and_zero_weight():
 
 
 def test_embedding_arch_shape_and_table_order():
-    arch = EmbeddingArch(make_tables(FIELDS, 3), device=torch.device("cpu"))
+    # D = 3 is stored 4 wide (fbgemm's fused kernels need multiples of 4); the model reads the first 3 columns
+    tables = make_tables(FIELDS, 3)
+    assert [t.embedding_dim for t in tables] == [storage_dim(3)] * 3 == [4, 4, 4]
+    arch = EmbeddingArch(tables, device=torch.device("cpu"), dim=3)
     assert arch.out_dim == 9
     g = torch.Generator().manual_seed(0)
     kjt = _kjt(4, g)
@@ -168,7 +171,7 @@ def test_embedding_arch_shape_and_table_order():
     permuted = kjt.permute([2, 0, 1])
     assert torch.equal(arch(permuted), out)
     user_ids = kjt["user"].values()
-    assert torch.equal(out[:, :3], arch.ebc.embedding_bags["t_user"].weight[user_ids])
+    assert torch.equal(out[:, :3], arch.ebc.embedding_bags["t_user"].weight[user_ids, :3])
 
 
 def test_meta_embedding_device():
