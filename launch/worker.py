@@ -14,7 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import ray.train
 import torch
@@ -30,7 +30,7 @@ from launch.config import Config, config_from_dict, to_dict
 from launch.evaluation import evaluate, validation_score
 from launch.tracking import start_tracker
 from pimm_model.model import MultiTaskTrain, build_model
-from pimm_model.schedules import curriculum_p
+from pimm_model.schedules import PER_STEP_SCHEDULES, curriculum_p
 
 METRICS_FILE = "metrics.json"
 EXPORT_REFERENCE_FILE = "export_reference.pt"
@@ -101,20 +101,30 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
                             run_id, to_dict(cfg))
     try:
         for epoch in range(state["epoch"] + 1, cfg.train.epochs):
-            # eq. (4) on rank 0 only, then broadcast: every worker uses exactly the value it received
-            p = broadcast_float(curriculum_p(cfg.curriculum, epoch, 0, train_steps) if zero else None)
+            # eq. (4) (or the configured schedule) on rank 0 only, then broadcast: every worker uses exactly the
+            # value it received. Adaptive schedules read the last validation metrics; per-step ones are recomputed
+            # and broadcast every step.
+            last_val = {"auc": state["history"][-1]["valid"]["auc"]} if state["history"] else None
+
+            def p_at(step: int, epoch: int = epoch, last_val=last_val) -> float:
+                return broadcast_float(curriculum_p(cfg.curriculum, epoch, step, train_steps, last_val)
+                                       if zero else None)
+
+            p = p_at(0)
             train_module.set_p(p)
             received = gather_floats(train_module.p)
+            per_step = p_at if cfg.curriculum.name in PER_STEP_SCHEDULES else None
             train_loss, seconds = _train_epoch(dmp, optimizer, readers["train"], epoch, train_steps, tasks, cfg,
-                                               env.world_size, zero)
+                                               env.world_size, zero, per_step, train_module)
             samples_per_s = train_steps * bs * env.world_size / max(seconds, 1e-9)
             val = evaluate(dmp, readers["valid"].iter_eval(eval_steps["valid"]), tasks)
             score = validation_score(val, tasks, cfg.train.early_stop_metric)
             improved = state["best_score"] is None or score > state["best_score"]
             if improved:
                 state["best_epoch"], state["best_score"] = epoch, score
-            record = {"epoch": epoch, "p": p, "p_received_by_rank": received, "train_loss": train_loss,
-                      "samples_per_s": samples_per_s, "epoch_seconds": seconds, "valid": val, "valid_score": score}
+            record = {"epoch": epoch, "p": p, "p_received_by_rank": received, "p_end": train_module.p,
+                      "train_loss": train_loss, "samples_per_s": samples_per_s, "epoch_seconds": seconds,
+                      "valid": val, "valid_score": score}
             state["history"].append(record)
             state["epoch"] = epoch
             _say(zero, f"epoch {epoch + 1}/{cfg.train.epochs} p={p:.4f} loss={sum(train_loss.values()):.4f} "
@@ -152,11 +162,14 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
 
 
 def _train_epoch(dmp, optimizer, reader: ShardReader, epoch: int, steps: int, tasks: List[str], cfg: Config,
-                 world_size: int, zero: bool):
+                 world_size: int, zero: bool, p_at_step: Optional[Callable[[int], float]],
+                 train_module: MultiTaskTrain):
     dmp.train()
     sums = torch.zeros(len(tasks), dtype=torch.float64)
     start = last = time.perf_counter()
     for step, batch in enumerate(reader.iter_train(epoch, steps)):
+        if p_at_step is not None and step > 0:
+            train_module.set_p(p_at_step(step))
         optimizer.zero_grad()
         loss, (task_losses, _, _, _) = dmp(batch)
         # every rank joins this tiny all-reduce each step, so a NaN on any rank stops all of them together

@@ -16,8 +16,10 @@ COMMON = ["wandb.mode=disabled", "train.epochs=2", "train.batch_size=256", "trai
           "train.sparse_lr=0.05", "model.embedding_dim=8", "model.tower_dims=[32,16]", "model.expert_dims=[32]",
           "seed=1"]
 # per-model settings beyond COMMON: the linear preset's embedding size (>= the 3 tasks, a multiple of 4 as the sharded
-# FBGEMM kernels require)
-EXTRA = {"linear": ["model.embedding_dim=4"]}
+# FBGEMM kernels require); PIMM runs the per-step curriculum, so the every-step broadcast of p is exercised for real
+EXTRA = {"linear": ["model.embedding_dim=4"],
+         "pimm": ["curriculum.name=step_linear", "curriculum.alpha=0.8", "curriculum.speed=0.25",
+                  "curriculum.beta=0.1"]}
 
 
 @pytest.fixture(scope="module")
@@ -43,5 +45,10 @@ def test_model_learns_in_a_2_worker_ray_run(name, ray_once, tiny_data, tmp_path)
     assert list(aucs) == ["click", "conversion", "core_conversion"] and metrics["world_size"] == 2
     for task, auc in aucs.items():
         assert auc > 0.6, (name, task, aucs)
+    if name == "pimm":  # step_linear: p falls within each epoch, p = max(0.8 - 0.25 * (E + s / S), 0.1)
+        for e in metrics["epochs"]:
+            assert e["p"] == pytest.approx(0.8 - 0.25 * e["epoch"])
+            assert e["p_received_by_rank"] == [e["p"], e["p"]]
+            assert e["p"] - 0.25 < e["p_end"] < e["p"]
     with open(os.path.join(run_dir, "model.json")) as f:
         assert json.load(f)["export_max_abs_diff"] <= 1e-6  # the exported TorchScript model scores as trained
