@@ -69,6 +69,15 @@ def any_rank(flag: bool) -> bool:
     return _reduce_int(int(flag), dist.ReduceOp.MAX if _active() else None) > 0
 
 
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s picklable `obj` on every rank (e.g. which checkpoint to restore: one decision for all)."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def barrier() -> None:
     if _active():
         dist.barrier()

@@ -68,6 +68,7 @@ class WandbConfig:
 @dataclass
 class Config:
     seed: int = 0
+    resume: Optional[str] = None  # a checkpoint folder (e.g. runs/x/epoch_002) to continue from, any worker count
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)

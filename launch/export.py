@@ -21,7 +21,7 @@ import yaml
 from data_pipeline.spec import DatasetSpec
 from distributed.checkpoint import load_unsharded
 from launch.config import config_from_dict
-from launch.worker import EXPORT_REFERENCE_FILE, METRICS_FILE, checkpoint_name
+from launch.worker import EXPORT_REFERENCE_FILE, METRICS_FILE
 from pimm_model.export import export_torchscript, inference_model_from_state
 from pimm_model.model import MultiTaskTrain, build_model
 
@@ -35,7 +35,8 @@ def export_run(run_dir: str, checkpoint: Optional[str] = None) -> Dict[str, Any]
         cfg = config_from_dict(yaml.safe_load(f))
     with open(os.path.join(run_dir, METRICS_FILE)) as f:
         metrics = json.load(f)
-    ckpt = os.path.join(run_dir, checkpoint or checkpoint_name(metrics["best_epoch"]))
+    # the best checkpoint may belong to the run this one resumed from: use the recorded path
+    ckpt = os.path.join(run_dir, checkpoint) if checkpoint else metrics["best_checkpoint"]
     spec = DatasetSpec.load(cfg.data.path)
     fields = [(f.name, f.num_embeddings) for f in spec.fields]
 

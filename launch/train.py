@@ -24,20 +24,37 @@ def _abs(path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(REPO_ROOT, path)
 
 
+def resolve_resume(path: str) -> str:
+    """A checkpoint folder as given, or a run folder's latest epoch_NNN checkpoint."""
+    path = os.path.abspath(path)
+    if os.path.exists(os.path.join(path, "train_state.json")):
+        return path
+    ckpts = sorted(d for d in os.listdir(path) if d.startswith("epoch_")) if os.path.isdir(path) else []
+    if not ckpts:
+        raise FileNotFoundError(f"resume={path}: neither a checkpoint folder (with train_state.json) nor a run folder "
+                                "with epoch_NNN checkpoints")
+    return os.path.join(path, ckpts[-1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="YAML preset (default: launch/configs/default.yaml)")
+    ap.add_argument("--resume", help="continue from a checkpoint folder, or a run folder's latest checkpoint "
+                                     "(same as resume=PATH); the worker count may differ")
     ap.add_argument("overrides", nargs="*", help="key=value, e.g. train.epochs=2 model.name=pimm seed=1")
     args = ap.parse_args(argv)
 
     from launch.config import ConfigError, load_config, to_dict
 
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        cfg = load_config(args.config, args.overrides + ([f"resume={args.resume}"] if args.resume else []))
+        if cfg.resume:
+            cfg.resume = resolve_resume(cfg.resume)
+    except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
+    from data_pipeline.preflight import DataError, preflight
     from data_pipeline.spec import DatasetSpec
     from data_pipeline.synthetic import ensure_dataset
 
@@ -45,7 +62,12 @@ def main(argv=None) -> int:
         print("[pimm] no data.path: using the synthetic data set (generated once, then cached)", flush=True)
         cfg.data.path = ensure_dataset(cfg.data.synthetic, _abs(cfg.data.cache_dir))
     cfg.data.path = os.path.abspath(cfg.data.path)
-    spec = DatasetSpec.load(cfg.data.path)  # fail here, before Ray starts, if the data folder is wrong
+    try:  # fail here, before Ray starts, if the data folder is wrong
+        spec = DatasetSpec.load(cfg.data.path)
+        preflight(spec, cfg.train.num_workers)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        print(f"data error: {e}", file=sys.stderr)
+        return 2
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = os.path.abspath(cfg.run.dir or _abs(os.path.join("runs", f"{cfg.model.name}-{stamp}")))
@@ -63,12 +85,16 @@ def main(argv=None) -> int:
     from distributed.env import backend_for
     from launch.worker import train_loop_per_worker
 
+    # TorchRec's planner visits proposals in an order keyed by Python string hashes, so with per-process hash
+    # randomisation two runs (or a restarted worker group) can pick different, equally rated plans, and so a
+    # different initialisation. A fixed hash seed in the workers makes the plan a function of the config.
+    runtime_env = {"env_vars": {"PYTHONHASHSEED": "0"}}
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit` or pointed at a cluster: join it as it is
-            ray.init()
+            ray.init(runtime_env=runtime_env)
         else:
             need = cfg.train.num_workers * cfg.train.cpus_per_worker
-            ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
+            ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, runtime_env=runtime_env)
     keep = cfg.run.keep_checkpoints or None
     trainer = TorchTrainer(
         train_loop_per_worker,

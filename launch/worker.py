@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -21,8 +22,16 @@ import torch
 
 from data_pipeline.reader import ShardReader, shard_files_for_rank
 from data_pipeline.spec import DatasetSpec
-from distributed.checkpoint import load_checkpoint, read_train_state, save_checkpoint
-from distributed.collectives import agree_max, agree_min, any_rank, barrier, broadcast_float, gather_floats
+from distributed.checkpoint import latest_valid_checkpoint, load_checkpoint, read_train_state, save_checkpoint
+from distributed.collectives import (
+    agree_max,
+    agree_min,
+    any_rank,
+    barrier,
+    broadcast_float,
+    broadcast_object,
+    gather_floats,
+)
 from distributed.env import current_env, set_intra_op_threads
 from distributed.optim import apply_sparse_optimizer, build_optimizer, resolve_sparse_optimizer
 from distributed.sharding import describe_plan, shard_model
@@ -85,17 +94,33 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     dmp = shard_model(model, env.device, cfg.train.sharding_types, env.world_size, local_world)
     optimizer = build_optimizer(dmp, cfg.train.lr, cfg.train.weight_decay)
     train_module: MultiTaskTrain = dmp.module  # the unwrapped train wrapper: where p is set
-    torch.manual_seed(cfg.seed * 7919 + 1 + env.rank)  # PIM sampling and dropout differ per rank, reproducibly
+    if os.environ.get("PYTHONHASHSEED") is None:
+        _say(zero, "warning: PYTHONHASHSEED is not set in the workers: the sharding plan may differ between runs")
     _say(zero, f"{env.world_size} workers, {train_steps} steps/epoch of {bs} rows each, sparse optimizer "
                f"{sparse_opt}, plan {describe_plan(dmp)}")
 
-    # ---- resume (after a worker failure Ray hands back the last reported checkpoint)
-    state: Dict[str, Any] = {"epoch": -1, "best_epoch": -1, "best_score": None, "history": []}
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            state = load_checkpoint(d, dmp, optimizer)
-        _say(zero, f"restored from epoch {state['epoch']} (best {state['best_epoch']})")
+    # ---- resume: after a worker failure Ray hands back this run's last reported checkpoint; otherwise `resume`
+    # names a checkpoint of an earlier run (saved by any number of workers: DCP reshards)
+    state: Dict[str, Any] = {"epoch": -1, "best_epoch": -1, "best_score": None, "best_dir": None, "history": [],
+                             "restarts": 0}
+    # Rank 0 picks: the newest complete checkpoint in this run's folder (Ray's controller registers reported
+    # checkpoints asynchronously, so after an early failure get_checkpoint() can lag behind or be empty), else
+    # the one Ray hands back (remote storage).
+    restore_dir = broadcast_object(latest_valid_checkpoint(run_dir) if zero else None)
+    restored = ray.train.get_checkpoint() if restore_dir is None else None
+    if restore_dir is not None or restored is not None:
+        if restore_dir is not None:
+            state = load_checkpoint(restore_dir, dmp, optimizer)
+        else:
+            with restored.as_directory() as d:
+                state = load_checkpoint(d, dmp, optimizer)
+        state["restarts"] = state.get("restarts", 0) + 1
+        _say(zero, f"restored after a failure from epoch {state['epoch'] + 1} (best {state['best_epoch'] + 1})")
+    elif cfg.resume:
+        state = load_checkpoint(cfg.resume, dmp, optimizer)
+        _say(zero, f"resumed from {cfg.resume} (epoch {state['epoch'] + 1}, saved by {state['world_size']} "
+                   f"workers, now {env.world_size})")
+    fault = _fault_injection()
 
     tracker = start_tracker(zero, cfg.wandb.mode, cfg.wandb.project, cfg.wandb.entity, cfg.wandb.group, run_dir,
                             run_id, to_dict(cfg))
@@ -110,18 +135,22 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
                 return broadcast_float(curriculum_p(cfg.curriculum, epoch, step, train_steps, last_val)
                                        if zero else None)
 
+            # per (seed, epoch, rank), not per process: a restart at an epoch boundary replays the epoch exactly
+            torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + env.rank + 1)
             p = p_at(0)
             train_module.set_p(p)
             received = gather_floats(train_module.p)
             per_step = p_at if cfg.curriculum.name in PER_STEP_SCHEDULES else None
             train_loss, seconds = _train_epoch(dmp, optimizer, readers["train"], epoch, train_steps, tasks, cfg,
-                                               env.world_size, zero, per_step, train_module)
+                                               env.world_size, zero, per_step, train_module,
+                                               fault if fault and fault.get("rank") == env.rank else None)
             samples_per_s = train_steps * bs * env.world_size / max(seconds, 1e-9)
             val = evaluate(dmp, readers["valid"].iter_eval(eval_steps["valid"]), tasks)
             score = validation_score(val, tasks, cfg.train.early_stop_metric)
             improved = state["best_score"] is None or score > state["best_score"]
             if improved:
                 state["best_epoch"], state["best_score"] = epoch, score
+                state["best_dir"] = os.path.join(run_dir, checkpoint_name(epoch))
             record = {"epoch": epoch, "p": p, "p_received_by_rank": received, "p_end": train_module.p,
                       "train_loss": train_loss, "samples_per_s": samples_per_s, "epoch_seconds": seconds,
                       "valid": val, "valid_score": score}
@@ -135,13 +164,16 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
                          **{f"valid/auc_{t}": v for t, v in val["auc"].items()},
                          **{f"valid/logloss_{t}": v for t, v in val["logloss"].items()}}, step=epoch)
             _report_checkpoint(dmp, optimizer, state, epoch,
-                               {"epoch": epoch, "p": p, "valid_score": score, "samples_per_s": samples_per_s})
+                               {"epoch": epoch, "p": p, "valid_score": score, "samples_per_s": samples_per_s},
+                               run_dir, zero)
             if epoch - state["best_epoch"] >= max(cfg.train.patience, 1) and epoch + 1 < cfg.train.epochs:
                 _say(zero, f"early stop: no validation improvement for {epoch - state['best_epoch']} epochs")
                 break
 
         # ---- the best epoch's weights give the test metrics and the exported model
-        best_dir = os.path.join(run_dir, checkpoint_name(state["best_epoch"]))
+        best_dir = state["best_dir"]
+        if best_dir is None:
+            raise RuntimeError("no epoch was trained: raise train.epochs above the resumed checkpoint's epoch")
         load_checkpoint(best_dir, dmp)
         test = evaluate(dmp, readers["test"].iter_eval(eval_steps["test"]), tasks)
         reference = _reference_batch(dmp, readers["test"])
@@ -150,6 +182,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         if zero:
             torch.save(reference, os.path.join(run_dir, EXPORT_REFERENCE_FILE))
             metrics = {"tasks": tasks, "best_epoch": state["best_epoch"], "best_checkpoint": best_dir,
+                       "restarts": state.get("restarts", 0), "resumed_from": cfg.resume,
                        "early_stop_metric": cfg.train.early_stop_metric, "epochs": state["history"],
                        "test": test, "world_size": env.world_size, "sparse_optimizer": sparse_opt,
                        "sharding_plan": describe_plan(dmp)}
@@ -163,11 +196,13 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
 
 def _train_epoch(dmp, optimizer, reader: ShardReader, epoch: int, steps: int, tasks: List[str], cfg: Config,
                  world_size: int, zero: bool, p_at_step: Optional[Callable[[int], float]],
-                 train_module: MultiTaskTrain):
+                 train_module: MultiTaskTrain, fault: Optional[Dict[str, Any]] = None):
     dmp.train()
     sums = torch.zeros(len(tasks), dtype=torch.float64)
     start = last = time.perf_counter()
     for step, batch in enumerate(reader.iter_train(epoch, steps)):
+        if fault is not None and fault["epoch"] == epoch and fault["step"] == step:
+            _kill_self(fault)
         if p_at_step is not None and step > 0:
             train_module.set_p(p_at_step(step))
         optimizer.zero_grad()
@@ -190,8 +225,38 @@ def _train_epoch(dmp, optimizer, reader: ShardReader, epoch: int, steps: int, ta
     return {t: float(v) / max(steps, 1) for t, v in zip(tasks, sums.tolist())}, seconds
 
 
-def _report_checkpoint(dmp, optimizer, state: Dict[str, Any], epoch: int, metrics: Dict[str, Any]) -> None:
+FAULT_ENV = "PIMM_FAULT_INJECT"
+
+
+def _fault_injection() -> Optional[Dict[str, Any]]:
+    """Test hook: when $PIMM_FAULT_INJECT names a JSON file {"epoch": E, "step": S, "rank": R}, rank R's process
+    kills itself with SIGKILL at that step — a real process death, as when a machine is lost. The file is consumed
+    first, so the restarted worker group runs through."""
+    path = os.environ.get(FAULT_ENV)
+    if not path or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        spec = json.load(f)
+    return {**spec, "path": path}
+
+
+def _kill_self(fault: Dict[str, Any]) -> None:
+    try:
+        os.remove(fault["path"])
+    except FileNotFoundError:
+        return  # already consumed by an earlier attempt
+    print(f"[pimm] fault injection: killing rank {fault['rank']} (pid {os.getpid()}) at epoch {fault['epoch']} "
+          f"step {fault['step']}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _report_checkpoint(dmp, optimizer, state: Dict[str, Any], epoch: int, metrics: Dict[str, Any], run_dir: str,
+                       dist_rank_zero: bool) -> None:
     """Every rank writes its shards to a local folder; Ray merges them into <run dir>/epoch_XXX."""
+    stale = os.path.join(run_dir, checkpoint_name(epoch))
+    if dist_rank_zero and os.path.isdir(stale):  # half-uploaded by a crashed attempt: never mix two attempts' files
+        shutil.rmtree(stale, ignore_errors=True)
+    barrier()
     local = tempfile.mkdtemp(prefix="pimm-ckpt-")
     try:
         save_checkpoint(local, dmp, optimizer, state)

@@ -29,3 +29,25 @@ def run_cli(args, env_extra=None, timeout=600, cwd=REPO):
     env.update(env_extra or {})
     proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     return proc
+
+
+E2E_EPOCHS = 3
+# The reference 2-worker run: the e2e, failure and resume tests all compare against this one run.
+E2E_ARGS = [f"train.epochs={E2E_EPOCHS}", "train.batch_size=256", "train.log_every=20", "train.patience=5",
+            "wandb.mode=offline", "model.embedding_dim=5", "model.tower_dims=[64,32]", "train.lr=0.003",
+            "train.sparse_lr=0.05", "curriculum.alpha=0.6666666666666666", "curriculum.speed=0.3333333333333333",
+            "curriculum.beta=0", "seed=1"]
+FAKE_WANDB_KEY = "pimmtestsecret0123456789abcdef0123456789ab"  # must never appear in any file a run writes
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_data, tmp_path_factory):
+    import json
+
+    run_dir = str(tmp_path_factory.mktemp("runs") / "e2e")
+    proc = run_cli(["launch/train.py", f"data.path={tiny_data}", f"run.dir={run_dir}", *E2E_ARGS],
+                   env_extra={"WANDB_API_KEY": FAKE_WANDB_KEY})
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        metrics = json.load(f)
+    return run_dir, metrics, proc.stdout + proc.stderr

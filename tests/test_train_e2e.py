@@ -13,23 +13,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import run_cli
-
-EPOCHS = 3
-
-
-@pytest.fixture(scope="module")
-def trained_run(tiny_data, tmp_path_factory):
-    run_dir = str(tmp_path_factory.mktemp("runs") / "e2e")
-    proc = run_cli(["launch/train.py", f"data.path={tiny_data}", f"run.dir={run_dir}", f"train.epochs={EPOCHS}",
-                    "train.batch_size=256", "train.log_every=20", "train.patience=5", "wandb.mode=offline",
-                    "model.embedding_dim=5", "model.tower_dims=[64,32]", "train.lr=0.003", "train.sparse_lr=0.05",
-                    "curriculum.alpha=0.6666666666666666", "curriculum.speed=0.3333333333333333", "curriculum.beta=0",
-                    "seed=1"])
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-6000:]
-    with open(os.path.join(run_dir, "metrics.json")) as f:
-        metrics = json.load(f)
-    return run_dir, metrics, proc.stdout + proc.stderr
+from tests.conftest import E2E_EPOCHS as EPOCHS
 
 
 def test_loss_falls_and_every_task_learns(trained_run):
