@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at least this many files per split (capped by its rows), so that many workers can read it "
                         "(default 2, the trainer's default worker count)")
     g.add_argument("--block-mb", type=float, default=4.0,
-                   help="CSV read block in MiB (default 4; memory grows with it, a row must fit in one)")
+                   help="CSV read block in MiB (default 4; memory grows with it)")
     g.add_argument("--seed", type=int, default=0, help="seed of the random splits and of hashing (default 0)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     s = common.add_argument_group("splits")
