@@ -49,12 +49,16 @@ class TrainConfig:
     patience: int = 2  # epochs without improvement before stopping
     log_every: int = 50  # steps between progress lines
     max_failures: int = 0  # Ray restarts of the worker group
+    placement_strategy: str = "PACK"  # Ray placement of the workers: PACK | SPREAD | STRICT_SPREAD (one per node)
 
 
 @dataclass
 class RunConfig:
     dir: Optional[str] = None  # run folder; None -> runs/<model>-<timestamp>
     keep_checkpoints: int = 0  # 0 keeps every epoch's checkpoint; K keeps the K best (by validation score)
+    # where checkpoints, metrics and the exported model go: None -> the run folder itself; else a folder every node
+    # can read (NFS...) or a URI pyarrow understands (s3://bucket/runs, gs://..., file:///...)
+    storage_path: Optional[str] = None
 
 
 @dataclass
@@ -79,6 +83,7 @@ class Config:
     def __post_init__(self) -> None:
         _check_choice("train.early_stop_metric", self.train.early_stop_metric, ("final_auc", "sum_auc"))
         _check_choice("wandb.mode", self.wandb.mode, ("offline", "online", "disabled"))
+        _check_choice("train.placement_strategy", self.train.placement_strategy, ("PACK", "SPREAD", "STRICT_SPREAD"))
         for key in ("epochs", "batch_size", "num_workers", "cpus_per_worker", "log_every"):
             if getattr(self.train, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self.train, key)}")

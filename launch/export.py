@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from typing import Any, Dict, Optional
 
@@ -19,6 +20,7 @@ import torch
 import yaml
 
 from data_pipeline.spec import DatasetSpec
+from distributed import storage
 from distributed.checkpoint import load_unsharded
 from launch.config import config_from_dict
 from launch.worker import EXPORT_REFERENCE_FILE, METRICS_FILE
@@ -41,7 +43,12 @@ def export_run(run_dir: str, checkpoint: Optional[str] = None) -> Dict[str, Any]
     fields = [(f.name, f.num_embeddings) for f in spec.fields]
 
     plain = MultiTaskTrain(build_model(cfg.model, fields, len(spec.labels), embedding_device=torch.device("cpu")))
-    load_unsharded(ckpt, plain)
+    local, downloaded = storage.local_copy(ckpt)  # the checkpoint may be on s3:// or gs://
+    try:
+        load_unsharded(local, plain)
+    finally:
+        if downloaded:
+            shutil.rmtree(local, ignore_errors=True)
     inference = inference_model_from_state(cfg.model, fields, len(spec.labels), plain.model.state_dict())
     path = os.path.join(run_dir, MODEL_FILE)
     export_torchscript(inference, path)

@@ -17,6 +17,8 @@ import sys
 
 import yaml
 
+from distributed import storage
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -75,7 +77,13 @@ def main(argv=None) -> int:
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    run_id = re.sub(r"[^A-Za-z0-9_-]", "-", os.path.basename(run_dir))
+    run_name = os.path.basename(run_dir)
+    run_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)
+    # checkpoints + records: the run folder itself, or <run.storage_path>/<run name> (shared folder or URI)
+    storage_root = cfg.run.storage_path or os.path.dirname(run_dir)
+    if not storage.is_uri(storage_root):
+        storage_root = os.path.abspath(storage_root)
+    store = storage.join(storage_root, run_name)
     print(f"[pimm] run folder {run_dir}; data {cfg.data.path} ({spec.rows}); tasks {spec.labels}", flush=True)
 
     import ray
@@ -98,24 +106,34 @@ def main(argv=None) -> int:
     keep = cfg.run.keep_checkpoints or None
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "run_dir": run_dir, "run_id": run_id},
+        train_loop_config={"cfg": to_dict(cfg), "run_dir": run_dir, "store": store, "run_id": run_id},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+                                     placement_strategy=cfg.train.placement_strategy),
         torch_config=TorchConfig(backend=backend_for(cfg.train.use_gpu)),
         run_config=RunConfig(
-            name=os.path.basename(run_dir), storage_path=os.path.dirname(run_dir),
+            name=run_name, storage_path=storage_root,
             checkpoint_config=CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute="valid_score",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
     trainer.fit()
 
-    from launch.export import export_run
+    from launch.export import MODEL_CARD, MODEL_FILE, export_run
+    from launch.worker import EXPORT_REFERENCE_FILE, METRICS_FILE
 
+    if store != run_dir:  # rank 0 wrote its records to the storage; keep a copy in the local run folder
+        for name in (METRICS_FILE, EXPORT_REFERENCE_FILE):
+            with open(os.path.join(run_dir, name), "wb") as f:
+                f.write(storage.read_bytes(storage.join(store, name)))
     card = export_run(run_dir)
+    if store != run_dir:
+        for name in (MODEL_FILE, MODEL_CARD, "config.yaml"):
+            storage.upload_file(os.path.join(run_dir, name), storage.join(store, name))
     print(f"[pimm] exported {os.path.join(run_dir, 'model.pt')} (max abs diff vs trained model "
           f"{card['export_max_abs_diff']:.2e})", flush=True)
-    print(f"[pimm] done: {run_dir}", flush=True)
+    print(f"[pimm] done: {run_dir}" + (f" (checkpoints and artifact also in {store})" if store != run_dir else ""),
+          flush=True)
     return 0
 
 

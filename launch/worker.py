@@ -8,20 +8,24 @@ and rank 0 writes metrics.json plus a reference batch that the export step check
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional
 
+import ray
 import ray.train
 import torch
 
 from data_pipeline.reader import ShardReader, shard_files_for_rank
 from data_pipeline.spec import DatasetSpec
+from distributed import storage
 from distributed.checkpoint import latest_valid_checkpoint, load_checkpoint, read_train_state, save_checkpoint
 from distributed.collectives import (
     agree_max,
@@ -31,6 +35,7 @@ from distributed.collectives import (
     broadcast_float,
     broadcast_object,
     gather_floats,
+    gather_objects,
 )
 from distributed.env import current_env, set_intra_op_threads
 from distributed.optim import apply_sparse_optimizer, build_optimizer, resolve_sparse_optimizer
@@ -54,16 +59,16 @@ def _say(is_rank_zero: bool, msg: str) -> None:
         print(f"[pimm] {msg}", flush=True)
 
 
-def _write_json_atomic(path: str, data: Dict[str, Any]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+def _placement(rank: int) -> Dict[str, Any]:
+    """Where this rank runs (recorded in metrics.json: multi-node runs are checked from it)."""
+    return {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
+            "pid": os.getpid()}
 
 
 def train_loop_per_worker(config: Dict[str, Any]) -> None:
     cfg: Config = config_from_dict(config["cfg"])
-    run_dir: str = config["run_dir"]
+    run_dir: str = config["run_dir"]  # the driver's run folder (this rank writes only W&B files under it)
+    store: str = config["store"]  # checkpoints and records: == run_dir on one machine, else shared storage / URI
     run_id: str = config["run_id"]
     env = current_env(cfg.train.use_gpu)
     zero = env.is_rank_zero
@@ -106,7 +111,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     # Rank 0 picks: the newest complete checkpoint in this run's folder (Ray's controller registers reported
     # checkpoints asynchronously, so after an early failure get_checkpoint() can lag behind or be empty), else
     # the one Ray hands back (remote storage).
-    restore_dir = broadcast_object(latest_valid_checkpoint(run_dir) if zero else None)
+    restore_dir = broadcast_object(latest_valid_checkpoint(store) if zero and not storage.is_uri(store) else None)
     restored = ray.train.get_checkpoint() if restore_dir is None else None
     if restore_dir is not None or restored is not None:
         if restore_dir is not None:
@@ -150,7 +155,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             improved = state["best_score"] is None or score > state["best_score"]
             if improved:
                 state["best_epoch"], state["best_score"] = epoch, score
-                state["best_dir"] = os.path.join(run_dir, checkpoint_name(epoch))
+                state["best_dir"] = storage.join(store, checkpoint_name(epoch))
             record = {"epoch": epoch, "p": p, "p_received_by_rank": received, "p_end": train_module.p,
                       "train_loss": train_loss, "samples_per_s": samples_per_s, "epoch_seconds": seconds,
                       "valid": val, "valid_score": score}
@@ -165,7 +170,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
                          **{f"valid/logloss_{t}": v for t, v in val["logloss"].items()}}, step=epoch)
             _report_checkpoint(dmp, optimizer, state, epoch,
                                {"epoch": epoch, "p": p, "valid_score": score, "samples_per_s": samples_per_s},
-                               run_dir, zero)
+                               store, zero)
             if epoch - state["best_epoch"] >= max(cfg.train.patience, 1) and epoch + 1 < cfg.train.epochs:
                 _say(zero, f"early stop: no validation improvement for {epoch - state['best_epoch']} epochs")
                 break
@@ -174,19 +179,27 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         best_dir = state["best_dir"]
         if best_dir is None:
             raise RuntimeError("no epoch was trained: raise train.epochs above the resumed checkpoint's epoch")
-        load_checkpoint(best_dir, dmp)
+        local_best, downloaded = storage.local_copy(best_dir)
+        try:
+            load_checkpoint(local_best, dmp)
+        finally:
+            if downloaded:
+                shutil.rmtree(local_best, ignore_errors=True)
         test = evaluate(dmp, readers["test"].iter_eval(eval_steps["test"]), tasks)
         reference = _reference_batch(dmp, readers["test"])
         _say(zero, f"test AUC (best epoch {state['best_epoch'] + 1}) "
                    + " ".join(f"{t}={test['auc'][t]:.4f}" for t in tasks))
+        placement = gather_objects(_placement(env.rank))
         if zero:
-            torch.save(reference, os.path.join(run_dir, EXPORT_REFERENCE_FILE))
+            buf = io.BytesIO()
+            torch.save(reference, buf)
+            storage.write_bytes(storage.join(store, EXPORT_REFERENCE_FILE), buf.getvalue())
             metrics = {"tasks": tasks, "best_epoch": state["best_epoch"], "best_checkpoint": best_dir,
                        "restarts": state.get("restarts", 0), "resumed_from": cfg.resume,
                        "early_stop_metric": cfg.train.early_stop_metric, "epochs": state["history"],
                        "test": test, "world_size": env.world_size, "sparse_optimizer": sparse_opt,
-                       "sharding_plan": describe_plan(dmp)}
-            _write_json_atomic(os.path.join(run_dir, METRICS_FILE), metrics)
+                       "sharding_plan": describe_plan(dmp), "workers": placement, "storage": store}
+            storage.write_bytes(storage.join(store, METRICS_FILE), json.dumps(metrics, indent=1).encode())
             tracker.summary({f"test/auc_{t}": v for t, v in test["auc"].items()})
         ray.train.report({"done": 1, "best_epoch": state["best_epoch"],
                           **{f"test_auc_{t}": v for t, v in test["auc"].items()}})
@@ -250,11 +263,12 @@ def _kill_self(fault: Dict[str, Any]) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _report_checkpoint(dmp, optimizer, state: Dict[str, Any], epoch: int, metrics: Dict[str, Any], run_dir: str,
+def _report_checkpoint(dmp, optimizer, state: Dict[str, Any], epoch: int, metrics: Dict[str, Any], store: str,
                        dist_rank_zero: bool) -> None:
-    """Every rank writes its shards to a local folder; Ray merges them into <run dir>/epoch_XXX."""
-    stale = os.path.join(run_dir, checkpoint_name(epoch))
-    if dist_rank_zero and os.path.isdir(stale):  # half-uploaded by a crashed attempt: never mix two attempts' files
+    """Every rank writes its shards to a local folder; Ray merges them into <storage>/epoch_XXX. A folder of that
+    name left half-uploaded by a crashed attempt is removed first, so two attempts' files never mix."""
+    stale = storage.join(store, checkpoint_name(epoch))
+    if dist_rank_zero and not storage.is_uri(stale) and os.path.isdir(stale):
         shutil.rmtree(stale, ignore_errors=True)
     barrier()
     local = tempfile.mkdtemp(prefix="pimm-ckpt-")
