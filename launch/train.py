@@ -117,7 +117,14 @@ def main(argv=None) -> int:
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; show the cause, not Ray's traceback
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        ours = [ln for ln in lines if "Error: " in ln and "ray." not in ln.split("Error: ")[0]]
+        print(f"[pimm] training failed: {(ours or lines or [repr(e)])[-1]}", file=sys.stderr, flush=True)
+        print(f"[pimm] checkpoints kept in {store}; continue with --resume {store}", file=sys.stderr, flush=True)
+        return 1
 
     from launch.export import MODEL_CARD, MODEL_FILE, export_run
     from launch.worker import EXPORT_REFERENCE_FILE, METRICS_FILE

@@ -215,7 +215,10 @@ def _train_epoch(dmp, optimizer, reader: ShardReader, epoch: int, steps: int, ta
     start = last = time.perf_counter()
     for step, batch in enumerate(reader.iter_train(epoch, steps)):
         if fault is not None and fault["epoch"] == epoch and fault["step"] == step:
-            _kill_self(fault)
+            if fault.get("kind", "kill") == "nan":  # a real NaN through the real loss of one task
+                batch.labels[:, tasks.index(fault["task"])] = float("nan")
+            else:
+                _kill_self(fault)
         if p_at_step is not None and step > 0:
             train_module.set_p(p_at_step(step))
         optimizer.zero_grad()
@@ -244,7 +247,8 @@ FAULT_ENV = "PIMM_FAULT_INJECT"
 def _fault_injection() -> Optional[Dict[str, Any]]:
     """Test hook: when $PIMM_FAULT_INJECT names a JSON file {"epoch": E, "step": S, "rank": R}, rank R's process
     kills itself with SIGKILL at that step — a real process death, as when a machine is lost. The file is consumed
-    first, so the restarted worker group runs through."""
+    first, so the restarted worker group runs through. With "kind": "nan" and "task": T, rank R's labels of task T
+    are NaN at that step instead (a diverging loss)."""
     path = os.environ.get(FAULT_ENV)
     if not path or not os.path.exists(path):
         return None

@@ -69,3 +69,19 @@ def test_wandb_key_never_written(trained_run):
         if os.path.isfile(path):
             with open(path, "rb") as f:
                 assert needle not in f.read(), f"the W&B API key leaked into {path}"
+
+
+def test_nan_loss_stops_naming_epoch_step_task_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
+    fault = tmp_path / "nan.json"
+    fault.write_text(json.dumps({"kind": "nan", "epoch": 1, "step": 5, "rank": 0, "task": "conversion"}))
+    run_dir = str(tmp_path / "nan")
+    proc = run_cli(["launch/train.py", f"data.path={tiny_data}", f"run.dir={run_dir}", "train.epochs=3",
+                    "train.batch_size=512", "wandb.mode=disabled"], env_extra={"PIMM_FAULT_INJECT": str(fault)})
+    assert proc.returncode == 1
+    # conversion's NaN label also reaches core_conversion through its PIM input (y* = the label with probability p)
+    assert "training failed: " in proc.stderr, proc.stderr[-4000:]
+    assert "non-finite loss at epoch 1, step 5, task(s) ['conversion'" in proc.stderr, proc.stderr[-4000:]
+    from distributed.checkpoint import verify_checkpoint
+
+    assert sorted(d for d in os.listdir(run_dir) if d.startswith("epoch_")) == ["epoch_000"]  # nothing after it
+    verify_checkpoint(os.path.join(run_dir, "epoch_000"))  # the last good one is intact
