@@ -96,7 +96,9 @@ def main(argv=None) -> int:
     # TorchRec's planner visits proposals in an order keyed by Python string hashes, so with per-process hash
     # randomisation two runs (or a restarted worker group) can pick different, equally rated plans, and so a
     # different initialisation. A fixed hash seed in the workers makes the plan a function of the config.
-    runtime_env = {"env_vars": {"PYTHONHASHSEED": "0"}}
+    # Ray Train V2 reroutes print() in workers through its logger and also tees it to stdout when stdout is
+    # wrapped (W&B wraps it on rank 0), so every progress line arrived twice: keep print() plain.
+    runtime_env = {"env_vars": {"PYTHONHASHSEED": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):  # inside `ray job submit` or pointed at a cluster: join it as it is
             ray.init(runtime_env=runtime_env)

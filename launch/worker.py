@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -62,7 +63,7 @@ def _say(is_rank_zero: bool, msg: str) -> None:
 def _placement(rank: int) -> Dict[str, Any]:
     """Where this rank runs (recorded in metrics.json: multi-node runs are checked from it)."""
     return {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
-            "pid": os.getpid()}
+            "pid": os.getpid(), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def train_loop_per_worker(config: Dict[str, Any]) -> None:
