@@ -15,13 +15,20 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _dev() -> torch.device:
+    """nccl moves only CUDA tensors; gloo only CPU ones."""
+    if _active() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def broadcast_float(value: Optional[float], src: int = 0) -> float:
     """Rank `src` provides `value`; every rank returns the value rank `src` sent (float64, so bit-exact)."""
     if not _active():
         if value is None:
             raise ValueError("broadcast_float without a process group needs a value")
         return float(value)
-    t = torch.tensor([0.0 if value is None else float(value)], dtype=torch.float64)
+    t = torch.tensor([0.0 if value is None else float(value)], dtype=torch.float64, device=_dev())
     if dist.get_rank() == src and value is None:
         raise ValueError(f"rank {src} must provide the value to broadcast")
     dist.broadcast(t, src=src)
@@ -31,7 +38,7 @@ def broadcast_float(value: Optional[float], src: int = 0) -> float:
 def _reduce_int(n: int, op) -> int:
     if not _active():
         return int(n)
-    t = torch.tensor([int(n)], dtype=torch.int64)
+    t = torch.tensor([int(n)], dtype=torch.int64, device=_dev())
     dist.all_reduce(t, op=op)
     return int(t.item())
 
@@ -49,7 +56,7 @@ def agree_max(n: int) -> int:
 def all_reduce_sum(values: List[float]) -> List[float]:
     if not _active():
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_dev())
     dist.all_reduce(t)
     return t.tolist()
 
@@ -58,7 +65,7 @@ def gather_floats(value: float) -> List[float]:
     """Every rank's `value`, in rank order (on every rank)."""
     if not _active():
         return [float(value)]
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_dev())
     out = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(out, t)
     return [float(x.item()) for x in out]

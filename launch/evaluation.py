@@ -13,16 +13,18 @@ from distributed.collectives import all_reduce_sum
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable, tasks: List[str]) -> Dict[str, Dict[str, float]]:
+def evaluate(model: torch.nn.Module, batches: Iterable, tasks: List[str],
+             device: torch.device) -> Dict[str, Dict[str, float]]:
     """`model` is the (sharded) train wrapper: model(batch) -> (loss, (task_losses, logits, labels, weights)).
     Every rank must pass the same number of batches (padding rows carry weight 0 and are left out)."""
     was_training = model.training
     model.eval()
-    aucs = [BinaryAUROC() for _ in tasks]
-    bce_sum = torch.zeros(len(tasks), dtype=torch.float64)
+    # metric states live on the device: their sync is a collective of the process group's backend
+    aucs = [BinaryAUROC().to(device) for _ in tasks]
+    bce_sum = torch.zeros(len(tasks), dtype=torch.float64, device=device)
     rows = 0.0
     for batch in batches:
-        _, (_, logits, labels, weights) = model(batch)
+        _, (_, logits, labels, weights) = model(batch.to(device, non_blocking=True))
         keep = weights > 0
         if not bool(keep.any()):
             continue
@@ -34,7 +36,7 @@ def evaluate(model: torch.nn.Module, batches: Iterable, tasks: List[str]) -> Dic
         rows += float(keep.sum())
     if rows == 0:  # a rank with no valid row must still take part in the metric's all_gather below
         for metric in aucs:
-            metric.update(torch.empty(0), torch.empty(0, dtype=torch.long))
+            metric.update(torch.empty(0, device=device), torch.empty(0, dtype=torch.long, device=device))
     totals = all_reduce_sum([*bce_sum.tolist(), rows])
     n = max(totals[-1], 1.0)
     out: Dict[str, Dict[str, float]] = {"auc": {}, "logloss": {}}

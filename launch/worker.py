@@ -149,9 +149,10 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             per_step = p_at if cfg.curriculum.name in PER_STEP_SCHEDULES else None
             train_loss, seconds = _train_epoch(dmp, optimizer, readers["train"], epoch, train_steps, tasks, cfg,
                                                env.world_size, zero, per_step, train_module,
-                                               fault if fault and fault.get("rank") == env.rank else None)
+                                               fault if fault and fault.get("rank") == env.rank else None,
+                                               env.device)
             samples_per_s = train_steps * bs * env.world_size / max(seconds, 1e-9)
-            val = evaluate(dmp, readers["valid"].iter_eval(eval_steps["valid"]), tasks)
+            val = evaluate(dmp, readers["valid"].iter_eval(eval_steps["valid"]), tasks, env.device)
             score = validation_score(val, tasks, cfg.train.early_stop_metric)
             improved = state["best_score"] is None or score > state["best_score"]
             if improved:
@@ -186,8 +187,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         finally:
             if downloaded:
                 shutil.rmtree(local_best, ignore_errors=True)
-        test = evaluate(dmp, readers["test"].iter_eval(eval_steps["test"]), tasks)
-        reference = _reference_batch(dmp, readers["test"])
+        test = evaluate(dmp, readers["test"].iter_eval(eval_steps["test"]), tasks, env.device)
+        reference = _reference_batch(dmp, readers["test"], env.device)
         _say(zero, f"test AUC (best epoch {state['best_epoch'] + 1}) "
                    + " ".join(f"{t}={test['auc'][t]:.4f}" for t in tasks))
         placement = gather_objects(_placement(env.rank))
@@ -210,20 +211,20 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
 
 def _train_epoch(dmp, optimizer, reader: ShardReader, epoch: int, steps: int, tasks: List[str], cfg: Config,
                  world_size: int, zero: bool, p_at_step: Optional[Callable[[int], float]],
-                 train_module: MultiTaskTrain, fault: Optional[Dict[str, Any]] = None):
+                 train_module: MultiTaskTrain, fault: Optional[Dict[str, Any]], device: torch.device):
     dmp.train()
-    sums = torch.zeros(len(tasks), dtype=torch.float64)
+    sums = torch.zeros(len(tasks), dtype=torch.float64, device=device)
     start = last = time.perf_counter()
     for step, batch in enumerate(reader.iter_train(epoch, steps)):
         if fault is not None and fault["epoch"] == epoch and fault["step"] == step:
             if fault.get("kind", "kill") == "nan":  # a real NaN through the real loss of one task
-                batch.labels[:, tasks.index(fault["task"])] = float("nan")
+                batch.labels[:, tasks.index(fault["task"])] = float("nan")  # (before the batch is moved)
             else:
                 _kill_self(fault)
         if p_at_step is not None and step > 0:
             train_module.set_p(p_at_step(step))
         optimizer.zero_grad()
-        loss, (task_losses, _, _, _) = dmp(batch)
+        loss, (task_losses, _, _, _) = dmp(batch.to(device, non_blocking=True))
         # every rank joins this tiny all-reduce each step, so a NaN on any rank stops all of them together
         if any_rank(not bool(torch.isfinite(loss))):
             worst = [t for t, v in zip(tasks, task_losses.tolist()) if v != v or abs(v) == float("inf")]
@@ -289,11 +290,12 @@ def _report_checkpoint(dmp, optimizer, state: Dict[str, Any], epoch: int, metric
 
 
 @torch.no_grad()
-def _reference_batch(dmp, reader: ShardReader) -> Dict[str, torch.Tensor]:
+def _reference_batch(dmp, reader: ShardReader, device: torch.device) -> Dict[str, torch.Tensor]:
     """One real test batch and the sharded model's eval probabilities for it (collective: all ranks run it)."""
     dmp.eval()
     batch = next(iter(reader.iter_eval(1)))
-    _, (_, logits, _, weights) = dmp(batch)
+    _, (_, logits, _, weights) = dmp(batch.to(device))
+    logits, weights = logits.cpu(), weights.cpu()
     keep = weights > 0
     kjt = batch.features
     return {"values": kjt.values(), "lengths": kjt.lengths(), "keys": list(kjt.keys()),
