@@ -175,10 +175,18 @@ def parse_override(text: str) -> tuple:
     return key, value
 
 
-def merge(base: Dict[str, Any], other: Dict[str, Any]) -> Dict[str, Any]:
+def merge(base: Dict[str, Any], other: Dict[str, Any], cls: type = None) -> Dict[str, Any]:
+    """`other` over `base`. Config sections (dataclasses) merge key by key; any other value, including a mapping
+    such as data.synthetic.fields, is replaced whole: a preset that lists fields means exactly those fields."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
     out = dict(base)
     for k, v in other.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        tp = hints.get(k)
+        if tp is not None and typing.get_origin(tp) is typing.Union:  # Optional[Section]
+            tp = next((a for a in typing.get_args(tp) if a is not type(None)), tp)
+        section = tp is not None and dataclasses.is_dataclass(tp)
+        out[k] = merge(out[k], v, tp) if section and isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import os
 import re
 import sys
@@ -78,7 +79,9 @@ def main(argv=None) -> int:
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     run_name = os.path.basename(run_dir)
-    run_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)
+    # stable for this run folder (a restarted worker group continues the same W&B run), distinct for two folders
+    # of the same name (e.g. two benchmark sweeps), which W&B would otherwise merge into one run
+    run_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[:48] + "-" + hashlib.sha1(run_dir.encode()).hexdigest()[:8]
     # checkpoints + records: the run folder itself, or <run.storage_path>/<run name> (shared folder or URI)
     storage_root = cfg.run.storage_path or os.path.dirname(run_dir)
     if not storage.is_uri(storage_root):

@@ -46,3 +46,14 @@ def test_bad_config_is_rejected_naming_the_key(override, named):
 def test_override_must_be_key_value():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["train.epochs"])
+
+
+def test_preset_replaces_mappings_but_merges_sections(tmp_path):
+    from launch.config import CONFIG_DIR
+
+    preset = tmp_path / "p.yaml"
+    preset.write_text(f"base: {CONFIG_DIR}/default.yaml\ndata:\n  synthetic:\n    fields: {{user: 10, item: 5}}\n"
+                      "train:\n  epochs: 7\n")
+    cfg = load_config(str(preset))
+    assert cfg.data.synthetic.fields == {"user": 10, "item": 5}  # exactly the preset's fields, not a union
+    assert cfg.train.epochs == 7 and cfg.train.batch_size == load_config(None).train.batch_size  # sections merge

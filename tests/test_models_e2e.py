@@ -15,8 +15,8 @@ from pimm_model.registry import MODELS
 COMMON = ["wandb.mode=disabled", "train.epochs=2", "train.batch_size=256", "train.patience=5", "train.lr=0.003",
           "train.sparse_lr=0.05", "model.embedding_dim=8", "model.tower_dims=[32,16]", "model.expert_dims=[32]",
           "seed=1"]
-# per-model settings beyond COMMON: the linear preset's embedding size (>= the 3 tasks, a multiple of 4 as the sharded
-# FBGEMM kernels require); PIMM runs the per-step curriculum, so the every-step broadcast of p is exercised for real
+# per-model settings beyond COMMON: the linear preset's embedding size (>= the 3 tasks, so each task has its own
+# weights); PIMM runs the per-step curriculum, so the every-step broadcast of p is exercised for real
 EXTRA = {"linear": ["model.embedding_dim=4"],
          "pimm": ["curriculum.name=step_linear", "curriculum.alpha=0.8", "curriculum.speed=0.25",
                   "curriculum.beta=0.1"]}

@@ -7,13 +7,12 @@ sum_f W_{t,f} e_f(id_f) + b_t: task t's weight of an id of field f is W_{t,f} ·
 "one weight per id, summed, plus a bias" logistic regression of every task, with one caveat the embedding size
 decides, because the tables are shared by the tasks:
 
-* ``model.embedding_dim >= T`` (the preset ``launch/configs/linear.yaml`` uses 4, the smallest size the sharded
-  FBGEMM kernels accept, since they need a multiple of 4): the per-task weight tables
+* ``model.embedding_dim >= T`` (the preset ``launch/configs/linear.yaml`` uses 4, enough for chains of up to 4
+  tasks): the per-task weight tables
   E_f W_f^T can be any (ids x T) matrix, so the model class is exactly T independent logistic regressions
   (task t can read its own coordinate of a D = T embedding), only parameterised as a product.
 * ``model.embedding_dim = 1``: the literal "dim-1 embeddings summed plus a bias" for ONE task; with T > 1 tasks all
-  tasks share the per-id weight up to one scale per (task, field), a rank-1 coupling of the tasks. (The sharded
-  trainer also rejects it: its FBGEMM kernels need a multiple of 4.)
+  tasks share the per-id weight up to one scale per (task, field), a rank-1 coupling of the tasks.
 
 ``model.linear_chain_factorised = true`` reads the T linear scores as the conditionals
 q_t = P(y_t = 1 | y_{t-1} = 1, x) and returns the marginals p_t = prod_{s<=t} q_s (stable, as in ESMM), trained,
