@@ -68,6 +68,21 @@ def save_checkpoint(path: str, model: nn.Module, optimizer: Any, train_state: Di
     os.replace(tmp, os.path.join(path, f"{MANIFEST_PREFIX}{rank}.json"))
 
 
+def prune_checkpoints(root: str, keep_last: int, keep: Optional[str], prefix: str = "epoch_") -> List[str]:
+    """Delete all `<root>/<prefix>*` folders but the newest `keep_last` and the one named `keep` (the best epoch,
+    which the final evaluation and the export read). `keep_last` 0 keeps everything. Returns what was deleted."""
+    from distributed import storage  # local import: storage is a leaf module, checkpoint must not need pyarrow.fs
+
+    if keep_last <= 0:
+        return []
+    names = [d for d in storage.list_dirs(root) if d.startswith(prefix)]
+    protected = set(names[-keep_last:]) | ({os.path.basename(keep.rstrip("/"))} if keep else set())
+    doomed = [n for n in names if n not in protected]
+    for name in doomed:
+        storage.delete_dir(storage.join(root, name))
+    return doomed
+
+
 def latest_valid_checkpoint(root: str, prefix: str = "epoch_") -> Optional[str]:
     """The newest `<root>/<prefix>*` folder whose manifests are complete (sizes checked; hashes are checked when it
     is loaded), skipping any left half-written by a crash. None when there is none."""

@@ -79,3 +79,9 @@ def upload_file(local: str, dst: str) -> None:
     fs, p = _fs(dst)
     fs.create_dir(os.path.dirname(p), recursive=True)
     pafs.copy_files(local, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def delete_dir(path: str) -> None:
+    fs, p = _fs(path)
+    if fs.get_file_info(p).type != pafs.FileType.NotFound:
+        fs.delete_dir(p)

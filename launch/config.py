@@ -55,7 +55,7 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     dir: Optional[str] = None  # run folder; None -> runs/<model>-<timestamp>
-    keep_checkpoints: int = 0  # 0 keeps every epoch's checkpoint; K keeps the K best (by validation score)
+    keep_checkpoints: int = 0  # 0 keeps every epoch's checkpoint; K keeps the last K plus the best epoch
     # where checkpoints, metrics and the exported model go: None -> the run folder itself; else a folder every node
     # can read (NFS...) or a URI pyarrow understands (s3://bucket/runs, gs://..., file:///...)
     storage_path: Optional[str] = None

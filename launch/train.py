@@ -108,7 +108,6 @@ def main(argv=None) -> int:
         else:
             need = cfg.train.num_workers * cfg.train.cpus_per_worker
             ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, runtime_env=runtime_env)
-    keep = cfg.run.keep_checkpoints or None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "run_dir": run_dir, "store": store, "run_id": run_id},
@@ -118,8 +117,9 @@ def main(argv=None) -> int:
         torch_config=TorchConfig(backend=backend_for(cfg.train.use_gpu)),
         run_config=RunConfig(
             name=run_name, storage_path=storage_root,
-            checkpoint_config=CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute="valid_score",
-                                               checkpoint_score_order="max"),
+            # retention is pimm's (rank 0 keeps the last K plus the best, see prune_checkpoints): Ray's num_to_keep
+            # keeps either the K best or the K last, and a restart needs the newest while the export needs the best
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
     )
     try:

@@ -27,7 +27,13 @@ import torch
 from data_pipeline.reader import ShardReader, shard_files_for_rank
 from data_pipeline.spec import DatasetSpec
 from distributed import storage
-from distributed.checkpoint import latest_valid_checkpoint, load_checkpoint, read_train_state, save_checkpoint
+from distributed.checkpoint import (
+    latest_valid_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    read_train_state,
+    save_checkpoint,
+)
 from distributed.collectives import (
     agree_max,
     agree_min,
@@ -173,6 +179,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             _report_checkpoint(dmp, optimizer, state, epoch,
                                {"epoch": epoch, "p": p, "valid_score": score, "samples_per_s": samples_per_s},
                                store, zero)
+            if zero:  # the last K and the best: a restart needs the newest, the export needs the best
+                prune_checkpoints(store, cfg.run.keep_checkpoints, state["best_dir"])
             if epoch - state["best_epoch"] >= max(cfg.train.patience, 1) and epoch + 1 < cfg.train.epochs:
                 _say(zero, f"early stop: no validation improvement for {epoch - state['best_epoch']} epochs")
                 break

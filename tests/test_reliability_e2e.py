@@ -23,7 +23,7 @@ def test_killed_worker_restarts_from_checkpoint_and_matches(trained_run, tiny_da
     fault.write_text(json.dumps({"epoch": 1, "step": 10, "rank": 1}))  # rank 1 dies mid-epoch 2 (SIGKILL)
     run_dir = str(tmp_path / "killed")
     proc = run_cli(["launch/train.py", f"data.path={tiny_data}", f"run.dir={run_dir}", *E2E_ARGS,
-                    "train.max_failures=1"], env_extra={"PIMM_FAULT_INJECT": str(fault)})
+                    "train.max_failures=1", "run.keep_checkpoints=1"], env_extra={"PIMM_FAULT_INJECT": str(fault)})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-8000:]
     assert not fault.exists()  # the hook fired (it consumes the file before the kill)
@@ -39,6 +39,9 @@ def test_killed_worker_restarts_from_checkpoint_and_matches(trained_run, tiny_da
     assert metrics["epochs"][0]["valid"]["auc"] == ref["epochs"][0]["valid"]["auc"]
     for task in ref["test"]["auc"]:
         assert abs(_aucs(metrics)[task] - _aucs(ref)[task]) <= 0.002, (task, _aucs(metrics), _aucs(ref))
+    # retention: the newest checkpoint and the best one survive, nothing else
+    kept = sorted(d for d in os.listdir(run_dir) if d.startswith("epoch_"))
+    assert kept == sorted({f"epoch_{E2E_EPOCHS - 1:03d}", f"epoch_{metrics['best_epoch']:03d}"}), kept
     # both attempts' offline W&B data are kept, under the same run id
     attempts = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*"))
     assert len(attempts) == 2 and len({a.rsplit("-", 1)[1] for a in attempts}) == 1, attempts
