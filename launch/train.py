@@ -131,7 +131,7 @@ def main(argv=None) -> int:
         print(f"[pimm] checkpoints kept in {store}; continue with --resume {store}", file=sys.stderr, flush=True)
         return 1
 
-    from launch.export import MODEL_CARD, MODEL_FILE, export_run
+    from launch.export import ARTIFACT_FILES, export_run
     from launch.worker import EXPORT_REFERENCE_FILE, METRICS_FILE
 
     if store != run_dir:  # rank 0 wrote its records to the storage; keep a copy in the local run folder
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
                 f.write(storage.read_bytes(storage.join(store, name)))
     card = export_run(run_dir)
     if store != run_dir:
-        for name in (MODEL_FILE, MODEL_CARD, "config.yaml"):
+        for name in (*ARTIFACT_FILES, "config.yaml"):
             storage.upload_file(os.path.join(run_dir, name), storage.join(store, name))
     print(f"[pimm] exported {os.path.join(run_dir, 'model.pt')} (max abs diff vs trained model "
           f"{card['export_max_abs_diff']:.2e})", flush=True)

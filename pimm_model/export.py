@@ -1,10 +1,20 @@
-"""Servable TorchScript export that loads without torchrec or fbgemm_gpu.
+"""Servable exports that load without torchrec, fbgemm_gpu or this repository: TorchScript and torch.export.
 
-The trained torchrec tables are copied into plain ``nn.EmbeddingBag`` modules (one per field, sum pooling), so
-the scripted program contains only core torch ops.
+Two layers, both scriptable and exportable:
+
+- ``InferenceModel``: the trained tables copied into plain ``nn.EmbeddingBag`` modules (one per field, sum pooling)
+  plus the trained head; it takes vocabulary INDICES and returns probabilities (B, T).
+- ``ServingModel``: an ``InferenceModel`` behind per-field encoders that map RAW feature values to those indices
+  inside the artifact, exactly as ``data_pipeline/vocab.py`` encoded them for training (``VocabEncoder``: sorted
+  keys + ``torch.searchsorted``, unknown -> 0; ``HashEncoder``: the same splitmix64 / bucket arithmetic on int64
+  tensors; ``IdentityEncoder``: data without a vocabulary, raw id == index), returning ``{task: (B,) probability}``.
+
+String values are not hashed in the artifact (TorchScript has no UTF-8 encoder nor BLAKE2b): callers pass their
+int64 string key, ``serving.contract.string_key`` (8-byte BLAKE2b of the UTF-8 bytes, keyed with the seed the data
+was prepared with: for hashed fields exactly the hash training used). See docs/serving.md for the contract.
 """
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +22,8 @@ from torch import Tensor, nn
 from pimm_model.config import ModelConfig
 from pimm_model.embedding import storage_dim
 from pimm_model.registry import build_head
+
+UNKNOWN = 0  # the reserved index of an unknown (out-of-vocabulary / out-of-range) or, for hashed fields, missing value
 
 
 class InferenceModel(nn.Module):
@@ -35,7 +47,7 @@ class InferenceModel(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         """Args:
-            ids: (B, F) int64, one id per field (single-valued fields), columns in ``field_names`` order.
+            ids: (B, F) int64 indices, one per field (a bag of one id), columns in ``field_names`` order.
 
         Returns:
             probabilities (B, T).
@@ -53,7 +65,7 @@ class InferenceModel(nn.Module):
         """Scores multi-valued fields given in KeyedJaggedTensor layout.
 
         Args:
-            values: (N,) int64 ids, field 0's rows first, then field 1's, and so on.
+            values: (N,) int64 indices, field 0's rows first, then field 1's, and so on.
             lengths: (F*B,) number of ids of each (field, row), field-major.
 
         Returns:
@@ -76,6 +88,228 @@ class InferenceModel(nn.Module):
             start += n
         x = torch.cat(embs, dim=1)  # (B, F*D)
         return torch.sigmoid(self.head(x, None, 0.0))  # (B, T)
+
+
+# ---------------------------------------------------------------------------------------------------- encoders
+# int64 tensors wrap on overflow like uint64 arithmetic does, so the unsigned hash of vocab.py is computed on the
+# same 64 bits; only the right shifts and the modulo need care (torch's >> on int64 is arithmetic, % is signed).
+
+
+def _s64(c: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    return c - (1 << 64) if c >= (1 << 63) else c
+
+
+def _shift_right_logical(x: Tensor, k: int) -> Tensor:
+    return (x >> k) & ((1 << (64 - k)) - 1)  # drop the sign bits an arithmetic shift brings in
+
+
+def splitmix64(x: Tensor) -> Tensor:
+    """splitmix64 finaliser on the 64 bits of an int64 tensor; bit-identical to ``data_pipeline.vocab.splitmix64``."""
+    # the constants are 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB as int64 (TorchScript takes
+    # literals, not module globals)
+    z = x + -7046029254386353131
+    z = (z ^ _shift_right_logical(z, 30)) * -4658895280553007687
+    z = (z ^ _shift_right_logical(z, 27)) * -7723592293110705685
+    return z ^ _shift_right_logical(z, 31)
+
+
+def unsigned_mod(x: Tensor, m: int, two64_mod_m: int) -> Tensor:
+    """(uint64 view of x) mod m for an int64 tensor x and 0 < m < 2**62; ``two64_mod_m`` = 2**64 mod m."""
+    r = torch.remainder(x, m)  # in [0, m): x mod m for the signed value
+    return torch.where(x < 0, torch.remainder(r + two64_mod_m, m), r)  # a negative x stands for x + 2**64
+
+
+class IdentityEncoder(nn.Module):
+    """Raw id == index (data prepared without a vocabulary, e.g. the synthetic generator). An id outside
+    ``[0, num_embeddings)`` or a missing value scores as index 0 (for such data an ordinary id, not a reserved one).
+
+    Args:
+        num_embeddings: number of ids N of the field.
+    """
+
+    def __init__(self, num_embeddings: int) -> None:
+        super().__init__()
+        self.num_embeddings = int(num_embeddings)
+
+    def forward(self, raw: Tensor, missing: Tensor) -> Tensor:
+        """raw (N,) int64, missing (N,) bool -> indices (N,) int64."""
+        ok = (raw >= 0) & (raw < self.num_embeddings) & ~missing
+        return torch.where(ok, raw, torch.zeros_like(raw))
+
+
+class VocabEncoder(nn.Module):
+    """A vocabulary counted on the train split: raw key -> its index, any other key -> 0 (unknown), a missing value
+    -> ``null_index`` (its own index when missing values were frequent enough in train, else 0).
+
+    Args:
+        keys: (V,) int64 raw keys (integer values, or string keys of string values), distinct.
+        index: (V,) int64 index of each key, in ``[1, num_embeddings)``.
+        null_index: index of a missing value.
+    """
+
+    def __init__(self, keys: Tensor, index: Tensor, null_index: int) -> None:
+        super().__init__()
+        keys = keys.to(torch.int64).reshape(-1)
+        index = index.to(torch.int64).reshape(-1)
+        if keys.numel() != index.numel():
+            raise ValueError(f"{keys.numel()} keys but {index.numel()} indices")
+        sorted_keys, order = torch.sort(keys)
+        if sorted_keys.numel() > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
+            raise ValueError("vocabulary keys must be distinct")
+        if keys.numel() == 0:  # an empty vocabulary: one entry that maps to unknown keeps searchsorted in range
+            sorted_keys, index, order = torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), \
+                torch.zeros(1, dtype=torch.int64)
+        self.register_buffer("keys", sorted_keys.contiguous())  # (V,) ascending
+        self.register_buffer("index", index[order].contiguous())  # (V,) index of keys[i]
+        self.last = int(self.keys.numel()) - 1
+        self.null_index = int(null_index)
+
+    def forward(self, raw: Tensor, missing: Tensor) -> Tensor:
+        """raw (N,) int64, missing (N,) bool -> indices (N,) int64."""
+        pos = torch.searchsorted(self.keys, raw).clamp(max=self.last)  # (N,) first key >= raw
+        found = self.keys[pos] == raw
+        out = torch.where(found, self.index[pos], torch.zeros_like(raw))
+        return torch.where(missing, torch.full_like(raw, self.null_index), out)
+
+
+class HashEncoder(nn.Module):
+    """Feature hashing as in training: index = 1 + hash mod buckets, a missing value -> 0. Integer values are hashed
+    with splitmix64(value XOR salt); string values arrive as their string key, which already is the salted hash.
+
+    Args:
+        buckets: number of hash buckets B (num_embeddings = B + 1), < 2**62.
+        salt: splitmix64(seed) of the preparation seed, as int64 (integer fields).
+        mix: True for integer values (apply splitmix64), False for string keys.
+    """
+
+    def __init__(self, buckets: int, salt: int, mix: bool) -> None:
+        super().__init__()
+        if not 0 < buckets < (1 << 62):
+            raise ValueError(f"hash buckets must lie in [1, 2**62), got {buckets}")
+        self.buckets = int(buckets)
+        self.two64_mod = (1 << 64) % self.buckets
+        self.salt = _s64(int(salt) & ((1 << 64) - 1))
+        self.mix = bool(mix)
+
+    def forward(self, raw: Tensor, missing: Tensor) -> Tensor:
+        """raw (N,) int64, missing (N,) bool -> indices (N,) int64."""
+        h = splitmix64(raw ^ self.salt) if self.mix else raw
+        out = unsigned_mod(h, self.buckets, self.two64_mod) + 1
+        return torch.where(missing, torch.zeros_like(out), out)
+
+
+# ---------------------------------------------------------------------------------------------------- serving
+
+
+class ServingModel(nn.Module):
+    """Raw feature values in, per-task probabilities out: what ``model.pt`` and ``model.pt2`` hold.
+
+    Args:
+        core: the trained ``InferenceModel`` (on indices).
+        encoders: one encoder per field, in ``core.field_names`` order (``IdentityEncoder``, ``VocabEncoder``,
+            ``HashEncoder``): ``forward(raw (N,) int64, missing (N,) bool) -> (N,) int64 indices``.
+        tasks: task names in chain order (column t of the probabilities).
+
+    Example::
+
+        m = torch.jit.load("model.pt")
+        probs = m(raw)                      # raw (B, F) int64 -> {"click": (B,), "conversion": (B,), ...}
+        probs = m(raw, missing)             # missing (B, F) bool: True where a value is absent
+        probs = m.forward_raw_jagged(values, lengths, None)   # bag fields: KJT layout of raw values
+    """
+
+    def __init__(self, core: InferenceModel, encoders: List[nn.Module], tasks: List[str]) -> None:
+        super().__init__()
+        if len(encoders) != core.num_fields:
+            raise ValueError(f"{len(encoders)} encoders for {core.num_fields} fields")
+        self.core = core
+        self.encoders = nn.ModuleList(encoders)
+        self.tasks: List[str] = list(tasks)
+        self.field_names: List[str] = list(core.field_names)
+        self.num_fields = core.num_fields
+        self.requires_grad_(False)  # inference only: outputs need no .detach() before .numpy()
+        self.eval()
+
+    def forward(self, raw: Tensor, missing: Optional[Tensor] = None) -> Dict[str, Tensor]:
+        """Args:
+            raw: (B, F) int64 raw values (string fields: their string key), one per field in ``field_names`` order;
+                a bag field gets a bag of that one value.
+            missing: (B, F) bool, True where the value is absent (``raw`` is then ignored); None: none absent.
+
+        Returns:
+            {task: (B,) float32 probability}, in chain order.
+        """
+        return self._by_task(self.core(self.encode(raw, missing)))
+
+    @torch.jit.export
+    def encode(self, raw: Tensor, missing: Optional[Tensor] = None) -> Tensor:
+        """(B, F) raw int64 values [+ (B, F) bool missing] -> (B, F) int64 indices."""
+        if raw.dim() != 2 or raw.size(1) != self.num_fields:
+            raise ValueError("raw must have shape (B, F) with F = len(field_names)")
+        if raw.dtype != torch.int64:
+            raise ValueError("raw values must be int64 (string fields: their int64 string key)")
+        if missing is None:
+            missing = torch.zeros(raw.shape, dtype=torch.bool, device=raw.device)
+        elif missing.shape != raw.shape:
+            raise ValueError("missing must have the shape of raw")
+        cols: List[Tensor] = []
+        for i, enc in enumerate(self.encoders):
+            cols.append(enc(raw[:, i].contiguous(), missing[:, i]))  # (B,)
+        return torch.stack(cols, dim=1)  # (B, F)
+
+    @torch.jit.export
+    def encode_jagged(self, values: Tensor, lengths: Tensor, missing: Optional[Tensor] = None) -> Tensor:
+        """(N,) raw values in KJT layout (field-major, ``lengths`` (F*B,)) [+ (N,) bool missing] -> (N,) indices."""
+        if lengths.dim() != 1 or lengths.numel() % self.num_fields != 0:
+            raise ValueError("lengths must have shape (F*B,) with F = len(field_names)")
+        if values.dtype != torch.int64:
+            raise ValueError("raw values must be int64 (string fields: their int64 string key)")
+        if missing is None:
+            missing = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+        elif missing.shape != values.shape:
+            raise ValueError("missing must have the shape of values")
+        totals = lengths.view(self.num_fields, -1).sum(dim=1)  # (F,) values per field
+        if int(totals.sum()) != values.numel():
+            raise ValueError("values must hold sum(lengths) values")
+        parts: List[Tensor] = []
+        start = 0
+        for i, enc in enumerate(self.encoders):
+            n = int(totals[i])
+            parts.append(enc(values[start : start + n], missing[start : start + n]))
+            start += n
+        return torch.cat(parts)  # (N,)
+
+    @torch.jit.export
+    def forward_raw_jagged(self, values: Tensor, lengths: Tensor, missing: Optional[Tensor] = None
+                           ) -> Dict[str, Tensor]:
+        """Bag (multi-valued) fields: raw values in KeyedJaggedTensor layout.
+
+        Args:
+            values: (N,) int64 raw values, all of field 0's rows first, then field 1's, and so on.
+            lengths: (F*B,) number of values of each (field, row), field-major; an empty bag pools to zero.
+            missing: (N,) bool, True for an absent value inside a bag; None: none absent.
+
+        Returns:
+            {task: (B,) probability}.
+        """
+        return self._by_task(self.core.forward_jagged(self.encode_jagged(values, lengths, missing), lengths))
+
+    @torch.jit.export
+    def forward_indices(self, ids: Tensor) -> Tensor:
+        """(B, F) int64 indices (the trainer's input) -> probabilities (B, T); for parity checks."""
+        return self.core(ids)
+
+    @torch.jit.export
+    def forward_jagged(self, values: Tensor, lengths: Tensor) -> Tensor:
+        """Indices in KJT layout (the trainer's batches) -> probabilities (B, T); for parity checks."""
+        return self.core.forward_jagged(values, lengths)
+
+    def _by_task(self, probs: Tensor) -> Dict[str, Tensor]:
+        out: Dict[str, Tensor] = {}
+        for t, name in enumerate(self.tasks):
+            out[name] = probs[:, t]  # (B,)
+        return out
 
 
 def inference_model_from_state(
@@ -113,7 +347,22 @@ def inference_model_from_state(
     return InferenceModel([name for name, _ in fields], bags, head)
 
 
-def export_torchscript(model: InferenceModel, path: str) -> None:
+def export_torchscript(model: nn.Module, path: str) -> None:
     """Scripts ``model`` (in eval mode) and saves it to ``path``; load with ``torch.jit.load``."""
     model.eval()
     torch.jit.save(torch.jit.script(model), path)
+
+
+def export_program(model: ServingModel, path: str, example_rows: int = 8) -> None:
+    """``torch.export`` of ``model.forward(raw (B, F), missing (B, F))`` with a dynamic batch size, saved to ``path``
+    (``.pt2``); load with ``torch.export.load(path).module()``. Both inputs are required in the program.
+
+    The jagged entry points are not exported: their per-field slices have data-dependent sizes.
+    """
+    model.eval()
+    raw = torch.zeros(example_rows, model.num_fields, dtype=torch.int64)
+    missing = torch.zeros(example_rows, model.num_fields, dtype=torch.bool)
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        program = torch.export.export(model, (raw, missing), dynamic_shapes={"raw": {0: batch}, "missing": {0: batch}})
+    torch.export.save(program, path)

@@ -124,3 +124,108 @@ def test_exported_model_loads_without_torchrec(tmp_path):
     assert out["probs"].shape == (64, NUM_TASKS)
     assert (out["probs"] - expected).abs().max().item() <= 1e-6
     assert (out["jagged"] - out["probs"]).abs().max().item() <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------- raw inputs
+
+
+def test_hash_encoder_is_bit_identical_to_data_preparation():
+    import numpy as np
+    import pyarrow as pa
+
+    from data_pipeline.raw_inputs import string_key, string_keys, string_salt
+    from data_pipeline.vocab import Hasher, splitmix64
+    from launch.export import _unsplitmix64
+    from pimm_model.export import HashEncoder
+    from pimm_model.export import splitmix64 as torch_splitmix64
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(-(2**63), 2**63 - 1, 20000, dtype=np.int64)
+    x[:6] = [0, -1, 2**63 - 1, -(2**63), 1, 2**40]
+    assert np.array_equal(torch_splitmix64(torch.from_numpy(x)).numpy(), splitmix64(x.view(np.uint64)).view(np.int64))
+    assert np.array_equal(_unsplitmix64(splitmix64(x.view(np.uint64))), x.view(np.uint64))  # the decoder's inverse
+    for seed in (0, 5):
+        salt = int(splitmix64(np.array([seed], np.uint64))[0])
+        assert string_salt(seed) == salt.to_bytes(8, "little")  # the key vocab.Hasher uses for strings
+        for buckets in (1, 7, 1000, 2**40 + 3):
+            want = Hasher(buckets, seed=seed).encode(pa.array(x))
+            enc = torch.jit.script(HashEncoder(buckets, salt, mix=True))
+            got = enc(torch.from_numpy(x), torch.zeros(len(x), dtype=torch.bool)).numpy()
+            assert np.array_equal(got, want), (seed, buckets)
+            words = pa.array(["", "a", "b", "ätm-機", "x" * 100, None])
+            want_s = Hasher(buckets, seed=seed).encode(words)
+            keys = torch.from_numpy(string_keys(words, string_salt(seed)))
+            got_s = HashEncoder(buckets, salt, mix=False)(keys, torch.tensor([False] * 5 + [True])).numpy()
+            assert np.array_equal(got_s, want_s), (seed, buckets)
+    assert string_key("a", string_salt(5)) == int(string_keys(pa.array(["a"]), string_salt(5))[0])
+
+
+def test_vocab_and_identity_encoders():
+    from pimm_model.export import IdentityEncoder, VocabEncoder
+
+    enc = torch.jit.script(VocabEncoder(torch.tensor([100, 5, -7, 2**62]), torch.tensor([1, 2, 3, 4]), 5))
+    raw = torch.tensor([100, 5, -7, 2**62, 6, -(2**63), 2**63 - 1, 5])
+    missing = torch.tensor([False] * 7 + [True])
+    assert enc(raw, missing).tolist() == [1, 2, 3, 4, 0, 0, 0, 5]  # unknown -> 0, missing -> null_index
+    empty = VocabEncoder(torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64), 0)
+    assert empty(torch.tensor([0, 3]), torch.tensor([False, True])).tolist() == [0, 0]
+    with pytest.raises(ValueError, match="distinct"):
+        VocabEncoder(torch.tensor([1, 1]), torch.tensor([1, 2]), 0)
+    ident = torch.jit.script(IdentityEncoder(5))
+    assert ident(torch.tensor([0, 4, 5, -1, 3]), torch.tensor([False] * 4 + [True])).tolist() == [0, 4, 0, 0, 0]
+
+
+def _serving(cfg: ModelConfig):
+    from pimm_model.export import HashEncoder, IdentityEncoder, ServingModel, VocabEncoder
+
+    torch.manual_seed(0)
+    model = build_model(cfg, FIELDS, NUM_TASKS, torch.device("cpu")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    core = inference_model_from_state(cfg, FIELDS, NUM_TASKS, model.state_dict())
+    # user: identity (11 ids); item: a vocabulary of 6 raw ids (+ unknown = 7); ctx: 4 hash buckets + missing (5)
+    # is the `ctx` table of 5 rows; hour: identity
+    encoders = [IdentityEncoder(11), VocabEncoder(torch.tensor([70, -3, 9, 2**50, 11, 12]),
+                                                  torch.tensor([1, 2, 3, 4, 5, 6]), 0),
+                HashEncoder(4, 123, mix=True), IdentityEncoder(24)]
+    return model, ServingModel(core, encoders, ["click", "conversion", "core_conversion"])
+
+
+@pytest.mark.parametrize("name", ["pimm", "esmm", "mmoe", "ple", "aitm", "mncm", "shared_bottom", "linear"])
+def test_serving_model_script_and_export_agree(name, tmp_path):
+    """Every registered model: raw values -> encoded indices -> the eager torchrec model's probabilities, equal in
+    eager, TorchScript and torch.export (dynamic batch size), with the missing mask and without it."""
+    from pimm_model.export import export_program
+
+    cfg = ModelConfig(name=name, embedding_dim=5, tower_dims=[16, 8], expert_dims=[16])
+    model, serving = _serving(cfg)
+    g = torch.Generator().manual_seed(2)
+    raw = torch.stack([torch.randint(-2, 13, (37,), generator=g),  # some ids out of range
+                       torch.tensor([70, -3, 9, 2**50, 11, 12, 8] * 5 + [0, 1]),  # the vocabulary and unknowns
+                       torch.randint(-(2**62), 2**62, (37,), generator=g), torch.randint(0, 24, (37,), generator=g)], 1)
+    missing = torch.rand(37, 4, generator=g) < 0.1
+    export_torchscript(serving, str(tmp_path / "m.pt"))
+    export_program(serving, str(tmp_path / "m.pt2"))
+    scripted = torch.jit.load(str(tmp_path / "m.pt"))
+    program = torch.export.load(str(tmp_path / "m.pt2")).module()
+    ids = serving.encode(raw, missing)
+    with torch.no_grad():
+        expected = torch.sigmoid(model(_kjt_from_ids(ids)))  # (B, T)
+        outs = (serving(raw, missing), scripted(raw, missing), program(raw, missing), program(raw[:1], missing[:1]))
+        for out in outs:
+            assert list(out) == ["click", "conversion", "core_conversion"]
+            got = torch.stack(list(out.values()), 1)
+            assert (got - expected[: got.shape[0]]).abs().max().item() <= 1e-6
+        assert torch.equal(scripted.encode(raw, missing), ids)
+        assert torch.equal(scripted(raw)["click"], scripted(raw, torch.zeros_like(missing))["click"])
+        assert (scripted.forward_indices(ids) - expected).abs().max().item() <= 1e-6
+        kjt = _kjt_from_ids(ids)
+        assert (scripted.forward_jagged(kjt.values(), kjt.lengths()) - expected).abs().max().item() <= 1e-6
+        jag = scripted.forward_raw_jagged(raw.t().reshape(-1), torch.ones(raw.numel(), dtype=torch.int64),
+                                          missing.t().reshape(-1))
+        assert (torch.stack(list(jag.values()), 1) - expected).abs().max().item() <= 1e-6
+    with pytest.raises(Exception, match="shape"):
+        scripted(raw[:, :3])
+    with pytest.raises(Exception, match="int64"):
+        scripted(raw.int())

@@ -48,12 +48,15 @@ def test_checkpoint_per_epoch_and_best_epoch_used(trained_run):
 
 def test_run_folder_contents(trained_run):
     run_dir, _, out = trained_run
-    for name in ("config.yaml", "metrics.json", "model.pt", "model.json"):
+    for name in ("config.yaml", "metrics.json", "model.pt", "model.pt2", "model.json"):
         assert os.path.exists(os.path.join(run_dir, name)), name
     card = json.load(open(os.path.join(run_dir, "model.json")))
     assert card["tasks"] == ["click", "conversion", "core_conversion"]
     assert [f["name"] for f in card["fields"]] == ["customer", "fund", "campaign", "channel", "hour"]
     assert card["export_max_abs_diff"] <= 1e-6
+    # the whole test split through the artifact (raw entry, index entry, torch.export program) equals the model
+    assert card["parity"]["rows"] == card["parity"]["rows_torch_export"] == 6000
+    assert max(card["parity"]["max_abs_diff"].values()) <= 1e-6
     assert glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))  # W&B offline, rank 0 only
     assert len(glob.glob(os.path.join(run_dir, "wandb", "offline-run-*"))) == 1
     assert "samples/s" in out and "valid AUC" in out  # progress reached the driver
@@ -65,16 +68,22 @@ def test_export_scores_in_a_process_without_torchrec(trained_run):
     code = f"""
 import sys, torch
 m = torch.jit.load({os.path.join(run_dir, "model.pt")!r})
+pt2 = torch.export.load({os.path.join(run_dir, "model.pt2")!r}).module()
 ref = torch.load({os.path.join(run_dir, "export_reference.pt")!r}, weights_only=True)
 B = ref["probs"].shape[0]; F = len(ref["keys"])
 ids = ref["values"].view(F, B).t().contiguous()   # single-valued fields: (B, F)
-p1 = m(ids); p2 = m.forward_jagged(ref["values"], ref["lengths"])
+p1 = m.forward_indices(ids); p2 = m.forward_jagged(ref["values"], ref["lengths"])
+raw = m(ids)   # the serving entry on raw values: for synthetic data (no vocabulary) raw id == index
+p3 = torch.stack([raw[t] for t in m.tasks], 1)
+p4 = pt2(ids, torch.zeros_like(ids, dtype=torch.bool))
+p4 = torch.stack([p4[t] for t in m.tasks], 1)
 keep = ref["keep"]
 assert "torchrec" not in sys.modules and "fbgemm_gpu" not in sys.modules and "ray" not in sys.modules
-print(float((p1[keep] - ref["probs"][keep]).abs().max()), float((p2 - p1).abs().max()))
+print(float((p1[keep] - ref["probs"][keep]).abs().max()), float((p2 - p1).abs().max()),
+      float((p3 - p1).abs().max()), float((p4 - p1).abs().max()))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    d_ids, d_jagged = map(float, proc.stdout.split())
-    assert d_ids <= 1e-6 and d_jagged <= 1e-6
+    d_ids, d_jagged, d_raw, d_pt2 = map(float, proc.stdout.split())
+    assert d_ids <= 1e-6 and d_jagged <= 1e-6 and d_raw <= 1e-6 and d_pt2 <= 1e-6
     assert ref["probs"].shape[1] == 3
