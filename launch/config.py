@@ -59,6 +59,9 @@ class RunConfig:
     # where checkpoints, metrics and the exported model go: None -> the run folder itself; else a folder every node
     # can read (NFS...) or a URI pyarrow understands (s3://bucket/runs, gs://..., file:///...)
     storage_path: Optional[str] = None
+    # test rows on which the exported artifact must equal the trained model (<= 1e-6) before it is written; 0 = the
+    # whole test split (minutes per million rows on CPU: bounded by default so huge test sets do not stall a run)
+    export_parity_rows: int = 200_000
 
 
 @dataclass

@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         for name in (METRICS_FILE, EXPORT_REFERENCE_FILE):
             with open(os.path.join(run_dir, name), "wb") as f:
                 f.write(storage.read_bytes(storage.join(store, name)))
-    card = export_run(run_dir)
+    card = export_run(run_dir, parity_rows=cfg.run.export_parity_rows or None)
     if store != run_dir:
         for name in (*ARTIFACT_FILES, "config.yaml"):
             storage.upload_file(os.path.join(run_dir, name), storage.join(store, name))
