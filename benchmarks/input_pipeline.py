@@ -1,0 +1,159 @@
+"""Benchmark 3: the input pipeline, Parquet shards -> Batch (KJT + labels), per worker, vs pyarrow's raw read of the
+same files (issue #6; targets: >= 50% of the raw read rate, and >= 10x what the trainer consumes per worker).
+
+    python benchmarks/input_pipeline.py                                   # 200k rows, 5 interleaved reps, ~1 min
+    python benchmarks/input_pipeline.py --trainer-json results/roofline.json   # the 10x target from benchmark 1's JSON
+    python benchmarks/input_pipeline.py --trainer-rate 35000              # ... or from a figure (samples/s per worker)
+
+One worker's share: the files ``shard_files_for_rank(train files, --rank, --workers)`` gives that rank, read in this
+process with torch.set_num_threads(1) (a worker's intra-op threads in the default config; pyarrow keeps its own
+thread pool, as in the worker). Variants, each a full pass over those files, repeated --passes times per
+measurement, interleaved:
+
+  raw_dataset      pyarrow.dataset(files).to_batches(columns=spec columns, batch_size=B): decode only (the limit)
+  raw_iter         pq.ParquetFile(f).iter_batches(batch_size=B, columns=...) per file: decode only
+  reader_train     ShardReader(shuffle=True).iter_train: what the trainer runs (validation, cast, per-row-group
+                   shuffle, KJT + labels + weights)
+  reader_noshuffle ShardReader(shuffle=False).iter_train: the same without the permutation
+
+Rates are rows/s of that worker. The trainer consumes (trainer samples/s) / workers rows/s per worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common as C  # noqa: E402
+
+TARGET_RAW = 0.5
+TARGET_CONSUME = 10.0
+
+
+def raw_dataset(files, columns, batch_size: int) -> int:
+    import pyarrow.dataset as ds
+
+    n = 0
+    for rb in ds.dataset(files, format="parquet").to_batches(columns=columns, batch_size=batch_size):
+        n += rb.num_rows
+    return n
+
+
+def raw_iter(files, columns, batch_size: int) -> int:
+    import pyarrow.parquet as pq
+
+    n = 0
+    for f in files:
+        for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns):
+            n += rb.num_rows
+    return n
+
+
+def reader_pass(spec, files, batch_size: int, shuffle: bool, epoch: int) -> int:
+    from data_pipeline.reader import ShardReader
+
+    reader = ShardReader(spec, files, batch_size, shuffle=shuffle, seed=0)
+    n = 0
+    for batch in reader.iter_train(epoch, reader.num_full_batches()):
+        n += batch.batch_size
+    return n
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_data_args(ap, rows=200_000)
+    ap.add_argument("--workers", type=int, default=2, help="workers the files are split over (default 2)")
+    ap.add_argument("--rank", type=int, default=0, help="whose share to read (default 0)")
+    ap.add_argument("--batch-size", type=int, default=None, help="per-worker batch (default: the config's)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, as a worker)")
+    ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions (default 5)")
+    ap.add_argument("--passes", type=int, default=5, help="passes over the files per measurement (default 5)")
+    ap.add_argument("--variants", default="raw_dataset,raw_iter,reader_train,reader_noshuffle")
+    ap.add_argument("--trainer-rate", type=float, default=None,
+                    help="the trainer's training samples/s PER WORKER, for the 10x target")
+    ap.add_argument("--trainer-json", default=None,
+                    help="benchmark 1's --json output: its trainer samples/s per worker is used for the 10x target")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from data_pipeline.reader import shard_files_for_rank
+    from data_pipeline.spec import DatasetSpec
+
+    torch.set_num_threads(args.threads)
+    data = C.data_from_args(args)
+    spec = DatasetSpec.load(data)
+    bs = args.batch_size or C.default_config().train.batch_size
+    files = shard_files_for_rank(spec.files("train"), args.rank, args.workers)
+    columns = spec.field_names + list(spec.labels)
+    env = C.env_info()
+    C.print_env(env)
+    print(f"# data {data}: rank {args.rank} of {args.workers} reads {len(files)} file(s); batch {bs}; "
+          f"{len(columns)} columns", flush=True)
+
+    funcs = {
+        "raw_dataset": lambda ep: raw_dataset(files, columns, bs),
+        "raw_iter": lambda ep: raw_iter(files, columns, bs),
+        "reader_train": lambda ep: reader_pass(spec, files, bs, True, ep),
+        "reader_noshuffle": lambda ep: reader_pass(spec, files, bs, False, ep),
+    }
+    variants = [v for v in args.variants.split(",") if v]
+    bad = sorted(set(variants) - set(funcs))
+    if bad:
+        ap.error(f"unknown variants {bad}; choose from {sorted(funcs)}")
+    for v in variants:  # untimed warm-up: page cache, imports, allocator
+        funcs[v](0)
+    rates = {v: [] for v in variants}
+    rows = {}
+    for rep in range(args.reps):
+        for v in variants:
+            elapsed = C.timer()
+            n = sum(funcs[v](rep * args.passes + p) for p in range(args.passes))
+            rates[v].append(n / max(elapsed(), 1e-9))
+            rows[v] = n // args.passes
+        print(f"# rep {rep + 1}/{args.reps}: rows/s " + " ".join(f"{v}={rates[v][-1]:,.0f}" for v in variants),
+              flush=True)
+
+    med = {v: C.median(r) for v, r in rates.items()}
+    raws = [v for v in variants if v.startswith("raw")]
+    limit = max(raws, key=lambda v: med[v]) if raws else None
+    consume = args.trainer_rate
+    if consume is None and args.trainer_json:
+        with open(args.trainer_json) as f:
+            consume = json.load(f)["results"]["trainer_samples_per_s_per_worker"]
+    table = []
+    for v in variants:
+        row = {"variant": v, "rows/pass": rows[v], "rows/s (median)": med[v], "min..max": C.spread(rates[v]),
+               "vs raw limit": med[v] / med[limit] if limit else float("nan")}
+        if consume:
+            row["vs trainer consumption"] = med[v] / consume
+        table.append(row)
+    C.print_table(table, title=f"input pipeline, one worker's share (rank {args.rank}/{args.workers}), rows/s")
+    results = {"rates": rates, "medians": med, "limit": limit, "files": len(files), "batch_size": bs,
+               "trainer_rate_per_worker": consume, "verdicts": {}}
+    if limit and "reader_train" in med:
+        r = med["reader_train"] / med[limit]
+        paired = C.median([a / b for a, b in zip(rates["reader_train"], rates[limit])])
+        best = max(rates["reader_train"]) / max(rates[limit])
+        print(f"reader_train / {limit}: medians {r:.2f} (the verdict), paired {paired:.2f}, best-of-{args.reps} "
+              f"{best:.2f}; target >= {TARGET_RAW}: "
+              + ("MET" if r >= TARGET_RAW else f"MISSED ({r / TARGET_RAW:.0%} of the target)"))
+        results["verdicts"]["raw"] = {"ratio": r, "paired": paired, "best_of_n": best, "target": TARGET_RAW,
+                                      "met": r >= TARGET_RAW}
+    if consume and "reader_train" in med:
+        r = med["reader_train"] / consume
+        print(f"reader_train / trainer consumption per worker ({consume:,.0f} samples/s) = {r:.1f}x; target >= "
+              f"{TARGET_CONSUME:.0f}x: " + ("MET" if r >= TARGET_CONSUME else f"MISSED ({r / TARGET_CONSUME:.0%})"))
+        results["verdicts"]["consume"] = {"ratio": r, "target": TARGET_CONSUME, "met": r >= TARGET_CONSUME}
+    load = C.print_load_end(env)
+    C.write_json(args.json, "input_pipeline", args, env, load, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The cheap benchmark scripts run end to end at a tiny size and print a well-formed table and JSON with positive
+rates. No timing assertions: the figures themselves live in docs/performance.md. The Ray-based benchmarks
+(the trainer runs, memory scaling, big tables) are not run here."""
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+
+TINY = ["--rows", "8000", "--rows-eval", "2000"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("bench-cache"))
+
+
+def _run(script, args, tmp_path, cache):
+    out = str(tmp_path / "result.json")
+    proc = run_cli([f"benchmarks/{script}", *TINY, "--cache-dir", cache, "--json", out, *args], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "# environment:" in proc.stdout and "torchrec" in proc.stdout and "load average" in proc.stdout
+    assert "\n| " in proc.stdout and "|---" in proc.stdout  # a table
+    with open(out) as f:
+        result = json.load(f)
+    assert result["env"]["cores"] >= 1 and result["env"]["torch"]
+    return proc.stdout, result["results"]
+
+
+def test_input_pipeline(tmp_path, cache):
+    out, res = _run("input_pipeline.py", ["--reps", "1", "--passes", "1", "--trainer-rate", "1000"], tmp_path, cache)
+    assert set(res["medians"]) == {"raw_dataset", "raw_iter", "reader_train", "reader_noshuffle"}
+    assert all(v > 0 for v in res["medians"].values())
+    assert res["limit"] in ("raw_dataset", "raw_iter")
+    assert {"raw", "consume"} <= set(res["verdicts"]) and res["verdicts"]["raw"]["ratio"] > 0
+    assert "reader_train /" in out
+
+
+def test_plain_pytorch_prebuilt(tmp_path, cache):
+    _, res = _run("trainer_vs_plain_pytorch.py", ["--variants", "b", "--reps", "1", "--steps", "3",
+                                                  "--plain-batch", "512"], tmp_path, cache)
+    assert list(res["medians"]) == ["b"] and res["medians"]["b"] > 0
+    assert res["plain_batch"] == 512 and res["trainer_runs"] == []
+
+
+def test_roofline_only(tmp_path, cache):
+    out, res = _run("trainer_vs_roofline.py", ["--roofline-only", "--reps", "1", "--roofline-steps", "3",
+                                               "--batch-size", "512"], tmp_path, cache)
+    variants = res["variants"]
+    assert {v["kind"] for v in variants.values()} == {"fused", "ebc_adagrad"}
+    assert all(v["median"] > 0 and len(v["rates"]) == 1 for v in variants.values())
+    assert res["roofline_variant"] in variants and res["global_batch"] == 1024
+    assert "trainer_runs" not in res and "FULL TRAINER" not in out
+
+
+@pytest.mark.parametrize("script", ["trainer_vs_roofline.py", "trainer_vs_plain_pytorch.py", "input_pipeline.py",
+                                    "memory_scaling.py", "big_tables.py", "profile_worker.py"])
+def test_every_script_parses_its_options(script):
+    proc = run_cli([f"benchmarks/{script}", "--help"], timeout=60)  # argparse runs before any heavy import
+    assert proc.returncode == 0 and "usage:" in proc.stdout and "--json" in proc.stdout, proc.stderr[-2000:]
