@@ -427,7 +427,7 @@ def build_single_process(model_cfg, spec, kind: str, lr: float = 1e-3, sparse_lr
     from pimm_model.model import MultiTaskTrain, build_model
 
     torch.manual_seed(seed)
-    module = MultiTaskTrain(build_model(model_cfg, spec_fields(spec), len(spec.labels)))
+    module = MultiTaskTrain(build_model(model_cfg, spec_fields(spec), len(spec.labels), weighted=spec.weighted))
     module.set_p(0.5)  # the PIM draws its label mask whatever p is: p does not change the cost
     emb = module.model.embedding
     if kind == "fused":

@@ -43,14 +43,13 @@ import pyarrow.parquet as pq
 
 from data_pipeline.formats.common import BadRows, FieldDef, PrepareError, RawChunk, Source, parse_time_arg
 from data_pipeline.shards import SplitWriter, atomic_output, check_out_dir, plan_rows_per_file
-from data_pipeline.spec import DatasetSpec, FieldSpec
+from data_pipeline.spec import WEIGHT_SUFFIX, DatasetSpec, FieldSpec
 from data_pipeline.vocab import UNKNOWN, Counter, Hasher, Vocab, splitmix64
 
 PREPARE_VERSION = 1
 SPLITS = ("train", "valid", "test")
 CHAIN_POLICIES = ("drop", "fix", "error")
 REPORT_FILE = "report.json"
-WEIGHT_SUFFIX = "__weights"
 
 
 @dataclass
@@ -408,7 +407,7 @@ class Preparer:
             with open(os.path.join(tmp, REPORT_FILE), "w") as f:
                 json.dump(report, f, indent=1, sort_keys=False)
             spec = DatasetSpec(
-                fields=[FieldSpec(f.name, int(self.encoders[f.name].num_embeddings), f.multi_valued)
+                fields=[FieldSpec(f.name, int(self.encoders[f.name].num_embeddings), f.multi_valued, f.weighted)
                         for f in self.fields],
                 labels=list(self.src.labels),
                 splits=files,

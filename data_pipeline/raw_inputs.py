@@ -21,6 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from data_pipeline.spec import WEIGHT_SUFFIX
+
 MISSING_POLICIES = ("encode", "error")
 
 
@@ -55,10 +57,16 @@ class FieldInput:
     name: str
     value_type: str = "int64"
     multi_valued: bool = False
+    weighted: bool = False  # a weighted bag: column <name>__weights holds one float weight per value
+
+    @property
+    def weight_column(self) -> str:
+        return self.name + WEIGHT_SUFFIX
 
 
 def fields_from_card(card: Dict[str, Any]) -> List[FieldInput]:
-    return [FieldInput(f["name"], f.get("value_type", "int64"), bool(f.get("multi_valued", False)))
+    return [FieldInput(f["name"], f.get("value_type", "int64"), bool(f.get("multi_valued", False)),
+                       bool(f.get("weighted", False)))
             for f in card["fields"]]
 
 
@@ -73,13 +81,15 @@ class RawInputs:
     values: Optional[np.ndarray] = None  # (N,) int64
     lengths: Optional[np.ndarray] = None  # (F*B,) int64
     missing: Optional[np.ndarray] = None  # (B, F) or (N,) bool
+    weights: Optional[np.ndarray] = None  # (N,) float32 per-value weights when a field is a weighted bag
 
     def torch_args(self):
         import torch
 
         if self.dense:
             return torch.from_numpy(self.raw), torch.from_numpy(self.missing)
-        return torch.from_numpy(self.values), torch.from_numpy(self.lengths), torch.from_numpy(self.missing)
+        args = (torch.from_numpy(self.values), torch.from_numpy(self.lengths), torch.from_numpy(self.missing))
+        return args if self.weights is None else args + (torch.from_numpy(self.weights),)
 
 
 def _plain(arr: pa.Array) -> pa.Array:
@@ -133,8 +143,10 @@ def table_to_inputs(table: pa.Table, fields: Sequence[FieldInput], salt: bytes, 
     if missing not in MISSING_POLICIES:
         raise ValueError(f"missing policy must be one of {MISSING_POLICIES}, got {missing!r}")
     absent = [f.name for f in fields if f.name not in table.column_names]
+    absent += [f.weight_column for f in fields if f.weighted and f.weight_column not in table.column_names]
     if absent:
-        raise ValueError(f"the input has no column(s) {absent}; the model needs {[f.name for f in fields]}")
+        raise ValueError(f"the input has no column(s) {absent}; the model needs {[f.name for f in fields]} "
+                         f"(+ the weights {[f.weight_column for f in fields if f.weighted]} of its weighted bags)")
     n = table.num_rows
     if missing == "error":
         for f in fields:
@@ -142,6 +154,7 @@ def table_to_inputs(table: pa.Table, fields: Sequence[FieldInput], salt: bytes, 
             if k:
                 raise ValueError(f"column {f.name!r} has {k} missing value(s) in {n} rows (missing policy 'error')")
     dense = not any(f.multi_valued for f in fields)
+    weighted = any(f.weighted for f in fields)
     if dense:
         raw = np.empty((n, len(fields)), np.int64)
         miss = np.empty((n, len(fields)), bool)
@@ -151,6 +164,7 @@ def table_to_inputs(table: pa.Table, fields: Sequence[FieldInput], salt: bytes, 
     values: List[np.ndarray] = []
     lengths: List[np.ndarray] = []
     misses: List[np.ndarray] = []
+    weights: List[np.ndarray] = []
     for f in fields:
         col = _plain(table.column(f.name))
         if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
@@ -166,5 +180,30 @@ def table_to_inputs(table: pa.Table, fields: Sequence[FieldInput], salt: bytes, 
         values.append(v)
         misses.append(m)
         lengths.append(lens)
+        if weighted:
+            weights.append(_bag_weights(table.column(f.weight_column), lens, f) if f.weighted
+                           else np.ones(len(v), np.float32))
     return RawInputs(rows=n, dense=False, values=np.concatenate(values), lengths=np.concatenate(lengths),
-                     missing=np.concatenate(misses))
+                     missing=np.concatenate(misses), weights=np.concatenate(weights) if weighted else None)
+
+
+def _bag_weights(col: pa.Array, lens: np.ndarray, f: FieldInput) -> np.ndarray:
+    """The flat float32 weights of a weighted bag column, checked against its bags' lengths (a null list of weights
+    is accepted only for an empty or null bag)."""
+    col = _plain(col)
+    if not ((pa.types.is_list(col.type) or pa.types.is_large_list(col.type)) and
+            (pa.types.is_floating(col.type.value_type) or pa.types.is_integer(col.type.value_type))):
+        raise ValueError(f"column {f.weight_column!r} has type {col.type}: the weights of bag field {f.name!r} must be "
+                         "a list of numbers, one per value")
+    wlens = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    bad = np.flatnonzero(wlens != lens)
+    if len(bad):
+        raise ValueError(f"row {int(bad[0])}: column {f.weight_column!r} has {int(wlens[bad[0]])} weight(s) for "
+                         f"{int(lens[bad[0]])} value(s) of {f.name!r}; give exactly one weight per value")
+    flat = pc.list_flatten(col)
+    if flat.null_count:
+        raise ValueError(f"column {f.weight_column!r} has {flat.null_count} null weight(s); give every value a weight")
+    w = flat.cast(pa.float32()).to_numpy(zero_copy_only=False)
+    if not np.isfinite(w).all():
+        raise ValueError(f"column {f.weight_column!r} holds NaN or infinite weights")
+    return w

@@ -4,17 +4,22 @@ Every rank must run the same number of steps (collectives in the sparse/dense al
 otherwise), so the caller all-reduces the batch count first: the MIN of num_full_batches() for training (every rank
 drops its tail) and the MAX of num_padded_batches() for evaluation (short ranks pad with weight-0 rows, so every row
 is scored exactly once). Memory: at most one row group plus a carry-over of < batch_size rows is held at a time.
+
+Speed (docs/performance.md, benchmarks/input_pipeline.py): row groups are decoded with ``ParquetFile.read_row_group``
+(about twice the rate of a dataset fragment's ``to_table`` for row groups of a few thousand rows), converted to numpy
+once, and shuffled, sliced and concatenated as numpy arrays; the id-range and weight checks run on the first read of
+each row group only (the reader lives for the whole run, so later epochs skip them).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterator, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -51,11 +56,62 @@ def _is_list_of_int(t: pa.DataType) -> bool:
     return (pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_int(t.value_type)
 
 
+@dataclass
+class _Rows:
+    """n rows in numpy: single-valued fields as one (F_single, n) int64 array (spec order), bags as (offsets (n+1,)
+    from 0, ids) with per-id float32 weights for weighted bags, labels (n, T) float32. Built per row group, then
+    permuted, sliced and concatenated without going back to Arrow: the batch layout is built from these arrays."""
+
+    n: int
+    single: np.ndarray
+    bags: Dict[str, Tuple[np.ndarray, np.ndarray]]
+    bag_weights: Dict[str, np.ndarray]
+    labels: np.ndarray
+
+    def take(self, idx: np.ndarray) -> _Rows:
+        bags, weights = {}, {}
+        for name, (off, ids) in self.bags.items():
+            lens = np.diff(off)[idx]
+            new_off = np.zeros(len(idx) + 1, np.int64)
+            np.cumsum(lens, out=new_off[1:])
+            # position of every kept id in the old values: each row's old start, shifted along its new span
+            pos = np.repeat(off[:-1][idx] - new_off[:-1], lens) + np.arange(new_off[-1], dtype=np.int64)
+            bags[name] = (new_off, ids[pos])
+            if name in self.bag_weights:
+                weights[name] = self.bag_weights[name][pos]
+        return _Rows(len(idx), self.single[:, idx], bags, weights, self.labels[idx])
+
+    def slice(self, a: int, b: int) -> _Rows:
+        bags, weights = {}, {}
+        for name, (off, ids) in self.bags.items():
+            lo, hi = int(off[a]), int(off[b])
+            bags[name] = (off[a : b + 1] - lo, ids[lo:hi])
+            if name in self.bag_weights:
+                weights[name] = self.bag_weights[name][lo:hi]
+        return _Rows(b - a, self.single[:, a:b], bags, weights, self.labels[a:b])
+
+    @staticmethod
+    def concat(x: _Rows, y: _Rows) -> _Rows:
+        bags, weights = {}, {}
+        for name, (off, ids) in x.bags.items():
+            off2, ids2 = y.bags[name]
+            bags[name] = (np.concatenate([off, off2[1:] + off[-1]]), np.concatenate([ids, ids2]))
+            if name in x.bag_weights:
+                weights[name] = np.concatenate([x.bag_weights[name], y.bag_weights[name]])
+        return _Rows(x.n + y.n, np.concatenate([x.single, y.single], axis=1), bags, weights,
+                     np.concatenate([x.labels, y.labels]))
+
+
+def _plain(col: pa.ChunkedArray) -> pa.Array:
+    return col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+
+
 class ShardReader:
     """Reads this rank's ``files`` (absolute paths) into Batches of exactly ``batch_size`` rows.
 
-    Each Batch: features KJT (keys = spec field names; values int64, lengths int32, stride B), labels (B, T) float32,
-    weights (B,) float32.
+    Each Batch: features KJT (keys = spec field names; values int64, lengths int32, stride B; when the spec has a
+    weighted bag field, also per-id weights float32: that field's ``<name>__weights``, 1.0 for every other id),
+    labels (B, T) float32, weights (B,) float32.
     """
 
     def __init__(self, spec: DatasetSpec, files: List[str], batch_size: int, shuffle: bool = False, seed: int = 0):
@@ -67,24 +123,24 @@ class ShardReader:
         self.shuffle = shuffle
         self.seed = seed
         self.keys = spec.field_names
-        self.columns = self.keys + list(spec.labels)
+        self._weight_col = {f.name: f.weight_column for f in spec.fields if f.weighted}
+        self.columns = self.keys + list(self._weight_col.values()) + list(spec.labels)
         self._multi = {f.name: f.multi_valued for f in spec.fields}
         self._card = {f.name: int(f.num_embeddings) for f in spec.fields}
-        # canonical types: files may store int8/int32 ids or bool labels; one schema makes row groups concatenable
-        self._schema = pa.schema(
-            [(f.name, pa.list_(pa.int64()) if f.multi_valued else pa.int64()) for f in spec.fields]
-            + [(label, pa.float32()) for label in spec.labels]
-        )
+        self._single = [f.name for f in spec.fields if not f.multi_valued]
+        self._single_card = np.array([self._card[n] for n in self._single], dtype=np.int64)
+        self._metadata: List[pq.FileMetaData] = []
         for f in self.files:
             self._validate_schema(f)
-        # one fragment per row group, in file order; holds footers only, no data
-        self._fragments: List[Tuple[ds.ParquetFileFragment, int]] = []
-        if self.files:
-            dataset = ds.dataset(self.files, format="parquet")
-            for file_frag in dataset.get_fragments():
-                for frag in file_frag.split_by_row_group():
-                    self._fragments.append((frag, frag.row_groups[0].num_rows))
-        self._num_rows = sum(n for _, n in self._fragments)
+            self._metadata.append(pq.read_metadata(f))
+        # one entry per row group, in file order: (file index, row group index, rows); footers only, no data
+        self._row_groups: List[Tuple[int, int, int]] = [
+            (i, g, meta.row_group(g).num_rows)
+            for i, meta in enumerate(self._metadata) for g in range(meta.num_row_groups)
+        ]
+        self._num_rows = sum(n for _, _, n in self._row_groups)
+        self._checked: set = set()  # row groups whose ids, weights and nulls were already validated
+        self._lengths_cache: Dict[int, torch.Tensor] = {}
 
     def _validate_schema(self, file: str) -> None:
         schema = pq.read_schema(file)
@@ -95,7 +151,10 @@ class ShardReader:
                     "remove it from spec.json"
                 )
             t = schema.field(name).type
-            if name in self._multi:
+            if name in self._weight_col.values():
+                ok = (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_floating(t.value_type)
+                want, hint = "list<float>", " (the per-id weights of a weighted bag field)"
+            elif name in self._multi:
                 ok = _is_list_of_int(t) if self._multi[name] else _is_int(t)
                 want = "list<integer>" if self._multi[name] else "integer"
                 hint = "" if ok else f" (spec multi_valued={self._multi[name]})"
@@ -118,42 +177,83 @@ class ShardReader:
 
     # ------------------------------------------------------------------ reading
 
-    def _read(self, frag: ds.ParquetFileFragment, rng: Optional[np.random.Generator]) -> pa.Table:
-        """One row group, only the spec columns, cast to the canonical schema, rows permuted if rng is given."""
-        table = frag.to_table(columns=self.columns, schema=frag.physical_schema).select(self.columns)
-        table = table.cast(self._schema)
-        for name in self.columns:
-            col = table.column(name)
-            if col.null_count:
-                raise ValueError(f"{frag.path}: column {name!r} has {col.null_count} null(s); fill them")
-        for name in self.keys:
-            col = table.column(name)
-            vals = pc.list_flatten(col) if self._multi[name] else col
-            if len(vals):
-                mm = pc.min_max(vals)
-                lo, hi = mm["min"].as_py(), mm["max"].as_py()
-                if lo < 0 or hi >= self._card[name]:
-                    raise ValueError(
-                        f"{frag.path}: column {name!r} has ids in [{lo}, {hi}], outside [0, {self._card[name]}) "
-                        "(num_embeddings in spec.json)"
-                    )
-        if rng is not None:
-            table = table.take(rng.permutation(table.num_rows))
-        return table
+    def _read(self, k: int, rng: Optional[np.random.Generator]) -> _Rows:
+        """Row group k (only the spec columns) as numpy rows, permuted if rng is given; validated on first read."""
+        fi, g, _ = self._row_groups[k]
+        path = self.files[fi]
+        # use_threads=False: a row group of a few thousand rows decodes faster on one thread than split over the
+        # pool, and the worker's own thread keeps the core (docs/performance.md, input pipeline)
+        table = pq.ParquetFile(path, metadata=self._metadata[fi]).read_row_group(g, columns=self.columns,
+                                                                                  use_threads=False)
+        where = f"{path} (row group {g})"
+        check = k not in self._checked
+        if check:
+            for name in self.columns:
+                col = table.column(name)
+                nulls = col.null_count + (pc.list_flatten(col).null_count
+                                          if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) else 0)
+                if nulls:
+                    raise ValueError(f"{where}: column {name!r} has {nulls} null(s); fill them")
+        n = table.num_rows
+        single = np.empty((len(self._single), n), dtype=np.int64)
+        for i, name in enumerate(self._single):
+            single[i] = table.column(name).to_numpy()
+        bags: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+        weights: Dict[str, np.ndarray] = {}
+        for name, multi in self._multi.items():
+            if multi:
+                arr = _plain(table.column(name))
+                # flatten() and offsets respect slicing; .values would return the unsliced child array
+                off = arr.offsets.to_numpy().astype(np.int64)
+                bags[name] = (off - off[0], arr.flatten().to_numpy().astype(np.int64, copy=False))
+                if name in self._weight_col:
+                    w = _plain(table.column(self._weight_col[name]))
+                    woff = w.offsets.to_numpy()
+                    if check and not np.array_equal(woff - woff[0], bags[name][0]):
+                        row = int(np.flatnonzero(np.diff(woff) != np.diff(off))[0])
+                        raise ValueError(
+                            f"{where}: row {row} has {int(off[row + 1] - off[row])} id(s) in {name!r} but "
+                            f"{int(woff[row + 1] - woff[row])} weight(s) in {self._weight_col[name]!r}; every id "
+                            "needs exactly one weight"
+                        )
+                    weights[name] = w.flatten().to_numpy().astype(np.float32, copy=False)
+                    if check and not np.isfinite(weights[name]).all():
+                        raise ValueError(f"{where}: column {self._weight_col[name]!r} holds NaN or infinite weights; "
+                                         "fix or drop those rows")
+        labels = np.empty((n, len(self.spec.labels)), dtype=np.float32)
+        for t, name in enumerate(self.spec.labels):
+            labels[:, t] = table.column(name).to_numpy()
+        if check:
+            if n and len(self._single):
+                lo, hi = single.min(axis=1), single.max(axis=1)
+                bad = np.flatnonzero((lo < 0) | (hi >= self._single_card))
+                if len(bad):
+                    i = int(bad[0])
+                    self._range_error(where, self._single[i], int(lo[i]), int(hi[i]))
+            for name, (_, ids) in bags.items():
+                if len(ids) and (ids.min() < 0 or ids.max() >= self._card[name]):
+                    self._range_error(where, name, int(ids.min()), int(ids.max()))
+            self._checked.add(k)
+        rows = _Rows(n, single, bags, weights, labels)
+        return rows if rng is None else rows.take(rng.permutation(n))
 
-    def _stream(self, order: List[int], rng: Optional[np.random.Generator]) -> Iterator[pa.Table]:
-        """Tables of exactly batch_size rows, then (if rows remain) one final shorter table."""
-        carry: Optional[pa.Table] = None  # < batch_size rows left over from the previous row group
+    def _range_error(self, where: str, name: str, lo: int, hi: int) -> None:
+        raise ValueError(f"{where}: column {name!r} has ids in [{lo}, {hi}], outside [0, {self._card[name]}) "
+                         "(num_embeddings in spec.json)")
+
+    def _stream(self, order: List[int], rng: Optional[np.random.Generator]) -> Iterator[_Rows]:
+        """Rows of exactly batch_size, then (if rows remain) one final shorter chunk."""
+        carry: Optional[_Rows] = None  # < batch_size rows left over from the previous row group
         for i in order:
-            table = self._read(self._fragments[i][0], rng)
-            if carry is not None and carry.num_rows:
-                table = pa.concat_tables([carry, table])  # zero-copy: just chunk references
+            rows = self._read(i, rng)
+            if carry is not None and carry.n:
+                rows = _Rows.concat(carry, rows)
             off = 0
-            while off + self.batch_size <= table.num_rows:
-                yield table.slice(off, self.batch_size)
+            while off + self.batch_size <= rows.n:
+                yield rows.slice(off, off + self.batch_size)
                 off += self.batch_size
-            carry = table.slice(off)
-        if carry is not None and carry.num_rows:
+            carry = rows.slice(off, rows.n)
+        if carry is not None and carry.n:
             yield carry
 
     def iter_train(self, epoch: int, num_batches: int) -> Iterator[Batch]:
@@ -166,14 +266,14 @@ class ShardReader:
             )
         if num_batches == 0:
             return
-        order = list(range(len(self._fragments)))
+        order = list(range(len(self._row_groups)))
         rng = None
         if self.shuffle:
             rng = np.random.default_rng([self.seed, epoch])
             order = [int(i) for i in rng.permutation(len(order))]
         done = 0
-        for table in self._stream(order, rng):
-            yield self._to_batch(table, 0)  # _stream yields full batches first, and we stop before any short tail
+        for rows in self._stream(order, rng):
+            yield self._to_batch(rows, 0)  # _stream yields full batches first, and we stop before any short tail
             done += 1
             if done == num_batches:
                 return
@@ -186,8 +286,8 @@ class ShardReader:
             raise ValueError(f"num_batches must be >= 0, got {num_batches}")
         done = 0
         if num_batches:
-            for table in self._stream(list(range(len(self._fragments))), None):
-                yield self._to_batch(table, self.batch_size - table.num_rows)
+            for rows in self._stream(list(range(len(self._row_groups))), None):
+                yield self._to_batch(rows, self.batch_size - rows.n)
                 done += 1
                 if done == num_batches:
                     return
@@ -196,37 +296,55 @@ class ShardReader:
 
     def padding_batch(self) -> Batch:
         """batch_size padding rows: every field id 0 (one id per row, also for bags), labels 0, weights 0."""
-        return self._to_batch(self._schema.empty_table(), self.batch_size)
+        empty = _Rows(0, np.zeros((len(self._single), 0), np.int64),
+                      {n: (np.zeros(1, np.int64), np.zeros(0, np.int64)) for n, m in self._multi.items() if m},
+                      {n: np.zeros(0, np.float32) for n in self._weight_col}, np.zeros((0, len(self.spec.labels)),
+                                                                                       np.float32))
+        return self._to_batch(empty, self.batch_size)
 
-    def _to_batch(self, table: pa.Table, n_pad: int) -> Batch:
-        """Vectorised Table (canonical schema) -> Batch, appending n_pad padding rows. KJT layout is key-major:
+    def _to_batch(self, rows: _Rows, n_pad: int) -> Batch:
+        """Rows -> Batch, appending n_pad padding rows (one id 0, weight 1 per field). KJT layout is key-major:
         values = [field 0 ids of all rows, field 1 ids of all rows, ...], lengths (F * B,)."""
-        n = table.num_rows
-        values: List[np.ndarray] = []
-        lengths: List[np.ndarray] = []
-        pad_ids = np.zeros(n_pad, dtype=np.int64)
-        pad_len = np.ones(n_pad, dtype=np.int32)
-        for name in self.keys:
-            col = table.column(name)
-            if self._multi[name]:
-                arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-                # flatten() and offsets respect slicing; .values would return the unsliced child array
-                values.append(arr.flatten().to_numpy())
-                lengths.append(np.diff(arr.offsets.to_numpy()).astype(np.int32))
-            else:
-                values.append(col.to_numpy())
-                lengths.append(np.ones(n, dtype=np.int32))
-            values.append(pad_ids)
-            lengths.append(pad_len)
-        labels = np.zeros((n + n_pad, len(self.spec.labels)), dtype=np.float32)
-        for t, name in enumerate(self.spec.labels):
-            labels[:n, t] = table.column(name).to_numpy()
-        weights = np.zeros(n + n_pad, dtype=np.float32)
+        n, b, nf = rows.n, rows.n + n_pad, len(self.keys)
+        weighted = bool(self._weight_col)
+        if not rows.bags:  # every field single-valued: one (F, B) array is the whole values tensor
+            ids = np.zeros((nf, b), dtype=np.int64)
+            ids[:, :n] = rows.single
+            values = torch.from_numpy(ids.reshape(-1))
+            lengths = self._lengths_cache.get(b)
+            if lengths is None:
+                lengths = self._lengths_cache.setdefault(b, torch.ones(nf * b, dtype=torch.int32))
+            id_weights = None
+        else:
+            parts: List[np.ndarray] = []
+            lens: List[np.ndarray] = []
+            wparts: List[np.ndarray] = []
+            pad_ids, pad_len = np.zeros(n_pad, np.int64), np.ones(n_pad, np.int32)
+            si = 0
+            for name in self.keys:
+                if self._multi[name]:
+                    off, fids = rows.bags[name]
+                    parts.append(fids)
+                    lens.append(np.diff(off).astype(np.int32))
+                    if weighted:
+                        wparts.append(rows.bag_weights[name] if name in rows.bag_weights
+                                      else np.ones(len(fids), np.float32))
+                else:
+                    parts.append(rows.single[si])
+                    lens.append(np.ones(n, np.int32))
+                    si += 1
+                    if weighted:
+                        wparts.append(np.ones(n, np.float32))
+                parts.append(pad_ids)
+                lens.append(pad_len)
+                if weighted:
+                    wparts.append(np.ones(n_pad, np.float32))
+            values = torch.from_numpy(np.concatenate(parts))
+            lengths = torch.from_numpy(np.concatenate(lens))
+            id_weights = torch.from_numpy(np.concatenate(wparts)) if weighted else None
+        labels = np.zeros((b, len(self.spec.labels)), dtype=np.float32)
+        labels[:n] = rows.labels
+        weights = np.zeros(b, dtype=np.float32)
         weights[:n] = 1.0
-        kjt = KeyedJaggedTensor(
-            keys=self.keys,
-            values=torch.from_numpy(np.concatenate(values).astype(np.int64, copy=False)),
-            lengths=torch.from_numpy(np.concatenate(lengths)),
-            stride=n + n_pad,
-        )
+        kjt = KeyedJaggedTensor(keys=self.keys, values=values, lengths=lengths, weights=id_weights, stride=b)
         return Batch(features=kjt, labels=torch.from_numpy(labels), weights=torch.from_numpy(weights))

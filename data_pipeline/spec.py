@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List
 
 SPEC_FILE = "spec.json"
+WEIGHT_SUFFIX = "__weights"  # column <field>__weights: the per-id weights of a weighted bag field
 
 
 @dataclass
@@ -20,12 +21,19 @@ class FieldSpec:
     """One sparse feature column.
 
     ``multi_valued=False``: an int64 column, one id per row. ``True``: a list<int64> column (a bag of ids per row).
-    Ids lie in ``[0, num_embeddings)``.
+    ``weighted=True`` (bags only): a ``<name>__weights`` list<float32> column holds one weight per id (e.g. the count
+    Ali-CCP gives a 109_14 entry); the bag pools to the weighted sum of its embeddings. Ids lie in
+    ``[0, num_embeddings)``.
     """
 
     name: str
     num_embeddings: int
     multi_valued: bool = False
+    weighted: bool = False
+
+    @property
+    def weight_column(self) -> str:
+        return self.name + WEIGHT_SUFFIX
 
 
 @dataclass
@@ -42,6 +50,11 @@ class DatasetSpec:
     @property
     def field_names(self) -> List[str]:
         return [f.name for f in self.fields]
+
+    @property
+    def weighted(self) -> bool:
+        """True when some field is a weighted bag: the KJTs then carry weights (1.0 for the other fields' ids)."""
+        return any(f.weighted for f in self.fields)
 
     def files(self, split: str) -> List[str]:
         """Absolute paths of the shards of ``split``."""
@@ -92,7 +105,13 @@ class DatasetSpec:
         try:
             fields = [FieldSpec(**f) for f in raw["fields"]]
         except TypeError as e:
-            raise ValueError(f"{file}: bad field entry ({e}); expected name, num_embeddings, multi_valued") from e
+            raise ValueError(f"{file}: bad field entry ({e}); expected name, num_embeddings, multi_valued, "
+                             "weighted") from e
+        # specs written before `weighted` existed list their weight columns in meta only: honour them
+        legacy = raw.get("meta", {}).get("weight_columns", {}) or {}
+        for f, entry in zip(fields, raw["fields"]):
+            if "weighted" not in entry and f.name in legacy:
+                f.weighted = True
         spec = DatasetSpec(
             fields=fields,
             labels=list(raw["labels"]),
@@ -114,7 +133,9 @@ class DatasetSpec:
         for f in self.fields:
             if int(f.num_embeddings) < 1:
                 raise ValueError(f"{p}field {f.name!r} has num_embeddings={f.num_embeddings}; must be >= 1")
-        names = self.field_names + list(self.labels)
+            if f.weighted and not f.multi_valued:
+                raise ValueError(f"{p}field {f.name!r} is weighted but not multi_valued: only bags carry weights")
+        names = self.field_names + list(self.labels) + [f.weight_column for f in self.fields if f.weighted]
         dups = sorted({n for n in names if names.count(n) > 1})
         if dups:
             raise ValueError(f"{p}duplicate field/label names {dups}")

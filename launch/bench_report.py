@@ -78,18 +78,19 @@ def score_test_split(run_dir: str, spec: DatasetSpec) -> np.ndarray:
         card = json.load(f)
     fields = [fd["name"] for fd in card["fields"]]
     multi = any(fd.get("multi_valued") for fd in card["fields"])
+    weight_col = {fd["name"]: fd["weight_column"] for fd in card["fields"] if fd.get("weighted")}
     if list(card["tasks"]) != list(spec.labels):
         raise ValueError(f"{run_dir}: model tasks {card['tasks']} differ from the data's labels {spec.labels}")
     model = torch.jit.load(os.path.join(run_dir, "model.pt"))
     dense = model.forward_indices if hasattr(model, "forward_indices") else model
     out: List[np.ndarray] = []
     with torch.no_grad():
-        for batch in _iter_test_batches(spec, fields):
+        for batch in _iter_test_batches(spec, fields + list(weight_col.values())):
             if not multi:
                 ids = np.stack([_column(batch, n).to_numpy(zero_copy_only=False) for n in fields], axis=1)
                 probs = dense(torch.from_numpy(ids.astype(np.int64, copy=False)))  # (B, T)
             else:
-                values, lengths = [], []
+                values, lengths, weights = [], [], []
                 for n in fields:  # field-major KJT layout
                     col = _column(batch, n)
                     if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
@@ -98,8 +99,13 @@ def score_test_split(run_dir: str, spec: DatasetSpec) -> np.ndarray:
                     else:
                         values.append(col.to_numpy(zero_copy_only=False))
                         lengths.append(np.ones(len(col), dtype=np.int64))
-                probs = model.forward_jagged(torch.from_numpy(np.concatenate(values).astype(np.int64)),
-                                             torch.from_numpy(np.concatenate(lengths).astype(np.int64)))
+                    weights.append(_column(batch, weight_col[n]).flatten().to_numpy(zero_copy_only=False)
+                                   if n in weight_col else np.ones(len(values[-1]), dtype=np.float32))
+                args = [torch.from_numpy(np.concatenate(values).astype(np.int64)),
+                        torch.from_numpy(np.concatenate(lengths).astype(np.int64))]
+                if weight_col:
+                    args.append(torch.from_numpy(np.concatenate(weights).astype(np.float32)))
+                probs = model.forward_jagged(*args)
             final = probs[spec.labels[-1]] if isinstance(probs, dict) else probs[:, -1]  # (B,)
             out.append(final.float().numpy().copy())
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)

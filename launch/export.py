@@ -38,7 +38,7 @@ import torch
 import yaml
 
 from data_pipeline.raw_inputs import string_keys, string_salt
-from data_pipeline.spec import DatasetSpec
+from data_pipeline.spec import WEIGHT_SUFFIX, DatasetSpec
 from data_pipeline.vocab import splitmix64
 from distributed import storage
 from distributed.checkpoint import load_unsharded
@@ -80,10 +80,15 @@ class FieldContract:
     encoding: Dict[str, Any]
     encoder: torch.nn.Module
     decode: Callable[[np.ndarray], Tuple[np.ndarray, np.ndarray]] = field(repr=False)
+    weighted: bool = False  # a weighted bag: callers pass its per-value weights (`weights` of the jagged entries)
 
     def card(self) -> Dict[str, Any]:
-        return {"name": self.name, "value_type": self.value_type, "multi_valued": self.multi_valued,
-                "num_embeddings": self.num_embeddings, "encoding": self.encoding}
+        out = {"name": self.name, "value_type": self.value_type, "multi_valued": self.multi_valued,
+               "num_embeddings": self.num_embeddings, "encoding": self.encoding}
+        if self.weighted:
+            out["weighted"] = True
+            out["weight_column"] = self.name + WEIGHT_SUFFIX
+        return out
 
 
 def _unsplitmix64(h: np.ndarray) -> np.ndarray:
@@ -183,6 +188,7 @@ def field_contracts(spec: DatasetSpec) -> Tuple[List[FieldContract], Dict[str, A
             out.append(_hash(f, num, e, seed))
         else:
             raise ValueError(f"{spec.root}/spec.json: field {f.name!r} has an unknown encoding {e!r}")
+        out[-1].weighted = f.weighted
     key = {"algorithm": "blake2b", "digest_size": 8, "key_hex": salt.hex(), "seed": seed,
            "rule": "string key = BLAKE2b(UTF-8 bytes, digest_size=8, key=bytes.fromhex(key_hex)) read as a "
                    "little-endian two's-complement int64"}
@@ -212,7 +218,8 @@ def export_run(run_dir: str, checkpoint: Optional[str] = None, parity_rows: Opti
     fields = [(f.name, f.num_embeddings) for f in spec.fields]
     contracts, string_key = field_contracts(spec)
 
-    plain = MultiTaskTrain(build_model(cfg.model, fields, len(spec.labels), embedding_device=torch.device("cpu")))
+    plain = MultiTaskTrain(build_model(cfg.model, fields, len(spec.labels), embedding_device=torch.device("cpu"),
+                                       weighted=spec.weighted))
     local, downloaded = storage.local_copy(ckpt)  # the checkpoint may be on s3:// or gs://
     try:
         load_unsharded(local, plain)
@@ -278,11 +285,13 @@ def _card(cfg, metrics, spec: DatasetSpec, contracts: List[FieldContract], strin
             "forward": "model(raw, missing=None): raw int64 (B, F), one raw value per field in `fields` order "
                        "(string fields: their string key, see `string_key`); missing bool (B, F), True where a value "
                        "is absent (raw is then ignored) -> {task: float32 (B,) probability}",
-            "forward_raw_jagged": "model.forward_raw_jagged(values, lengths, missing=None): bag fields; raw int64 "
-                                  "values (N,) field-major (all rows of field 0 first), lengths int64 (F*B,), "
-                                  "missing bool (N,) or None -> {task: (B,)}",
+            "forward_raw_jagged": "model.forward_raw_jagged(values, lengths, missing=None, weights=None): bag "
+                                  "fields; raw int64 values (N,) field-major (all rows of field 0 first), lengths "
+                                  "int64 (F*B,), missing bool (N,) or None, weights float32 (N,) or None (the "
+                                  "per-value weights of `weighted` fields, 1.0 for the others) -> {task: (B,)}",
             "forward_indices": "model.forward_indices(ids): int64 (B, F) embedding indices -> float32 (B, T)",
-            "forward_jagged": "model.forward_jagged(values, lengths): indices in KJT layout -> float32 (B, T)",
+            "forward_jagged": "model.forward_jagged(values, lengths, weights=None): indices in KJT layout -> "
+                              "float32 (B, T)",
             "encode": "model.encode(raw, missing=None) -> (B, F) indices; encode_jagged(values, lengths, missing)",
             "unknown": "a value the vocabulary does not hold maps to index 0 (identity fields: an id outside "
                        "[0, num_embeddings) maps to 0)",
@@ -316,7 +325,7 @@ def _card(cfg, metrics, spec: DatasetSpec, contracts: List[FieldContract], strin
 def _check_against_reference(scripted, reference_path: str) -> float:
     ref = torch.load(reference_path, weights_only=True)
     with torch.no_grad():
-        probs = scripted.forward_jagged(ref["values"], ref["lengths"])
+        probs = scripted.forward_jagged(ref["values"], ref["lengths"], ref.get("weights"))
     keep = ref["keep"]
     diff = float((probs[keep] - ref["probs"][keep]).abs().max()) if bool(keep.any()) else 0.0
     if not diff <= EXPORT_TOLERANCE:
@@ -358,7 +367,7 @@ def whole_split_parity(eager: torch.nn.Module, scripted, program, contracts: Lis
         if n_keep == 0:
             continue
         kjt = batch.features
-        values, lengths = kjt.values(), kjt.lengths().to(torch.int64)
+        values, lengths, id_weights = kjt.values(), kjt.lengths().to(torch.int64), kjt.weights_or_none()
         b = batch.batch_size
         expected = torch.sigmoid(eager(kjt).float())  # (B, T) the trainer's evaluation output
         lens = lengths.view(nf, b)  # (F, B)
@@ -373,12 +382,16 @@ def whole_split_parity(eager: torch.nn.Module, scripted, program, contracts: Lis
             start += n
         raw = torch.from_numpy(np.ascontiguousarray(np.concatenate(raw_parts)))
         missing = torch.from_numpy(np.concatenate(miss_parts))
-        got = {"torchscript_raw": _stack(scripted.forward_raw_jagged(raw, lengths, missing), tasks),
-               "torchscript_indices": scripted.forward_jagged(values, lengths)}
+        got = {"torchscript_raw": _stack(scripted.forward_raw_jagged(raw, lengths, missing, id_weights), tasks),
+               "torchscript_indices": scripted.forward_jagged(values, lengths, id_weights)}
         for k, v in got.items():
             diffs[k] = max(diffs[k], float((v[keep] - expected[keep]).abs().max()))
         # the dense (B, F) entry of both artifacts, on the rows where every field holds exactly one value
         one = keep & (lens == 1).all(dim=0)  # (B,)
+        if id_weights is not None:  # the dense entry takes no weights: only rows whose every id weighs 1.0
+            not_unit = torch.zeros(nf * b, dtype=torch.int64).index_add_(
+                0, torch.repeat_interleave(torch.arange(nf * b), lengths), (id_weights != 1.0).to(torch.int64))
+            one &= (not_unit.view(nf, b) == 0).all(dim=0)
         if bool(one.any()):
             rows_idx = torch.nonzero(one).squeeze(1)
             first = torch.cumsum(lens, dim=1) - lens + torch.tensor(starts).unsqueeze(1)  # (F, B) position of row

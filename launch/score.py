@@ -222,10 +222,12 @@ def score(model: str, input_path: str, out: str, top_k: Optional[int] = None, to
     files = input_files(input_path)
     names = pq.read_schema(files[0]).names
     fields = [f["name"] for f in card["fields"]]
-    absent = [f for f in fields if f not in names]
+    weight_cols = [f["weight_column"] for f in card["fields"] if f.get("weighted")]
+    absent = [f for f in fields + weight_cols if f not in names]
     if absent:
-        raise ScoreError(f"{files[0]}: no column(s) {absent}; the model needs {fields} (model.json)")
-    id_col = pick_id_column(names, card, id_column)
+        raise ScoreError(f"{files[0]}: no column(s) {absent}; the model needs {fields} (model.json)"
+                         + (f" and the per-value weights {weight_cols} of its weighted bags" if weight_cols else ""))
+    id_col = pick_id_column([n for n in names if n not in weight_cols], card, id_column)
     if missing == "error":
         check_missing(files, card)
     out = os.path.abspath(out)
@@ -242,7 +244,7 @@ def score(model: str, input_path: str, out: str, top_k: Optional[int] = None, to
     if actors is not None and actors > most:
         print(f"[pimm] --actors {actors} lowered to {most}: the reads need a CPU of the {most + 1}", file=sys.stderr)
     pool = min(actors or most, most)
-    ds = ray.data.read_parquet(files, columns=([id_col] if id_col else []) + fields)
+    ds = ray.data.read_parquet(files, columns=([id_col] if id_col else []) + fields + weight_cols)
     scored = ds.map_batches(Scorer, fn_constructor_kwargs={"model_path": pt, "card": card, "id_column": id_col,
                                                             "missing": missing},
                             batch_format="pyarrow", batch_size=batch_size, concurrency=pool, num_cpus=1)

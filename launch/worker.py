@@ -99,7 +99,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     # ---- model: same initialisation on every rank for the same seed; embeddings on meta until sharded
     torch.manual_seed(cfg.seed)
     fields = [(f.name, f.num_embeddings) for f in spec.fields]
-    model = MultiTaskTrain(build_model(cfg.model, fields, len(tasks), embedding_device=torch.device("meta")))
+    model = MultiTaskTrain(build_model(cfg.model, fields, len(tasks), embedding_device=torch.device("meta"),
+                                       weighted=spec.weighted))
     sparse_opt = resolve_sparse_optimizer(cfg.train.sparse_optimizer, cfg.train.use_gpu)
     apply_sparse_optimizer(model.model.embedding, sparse_opt, cfg.train.sparse_lr, cfg.train.embedding_l2)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
@@ -306,8 +307,11 @@ def _reference_batch(dmp, reader: ShardReader, device: torch.device) -> Dict[str
     logits, weights = logits.cpu(), weights.cpu()
     keep = weights > 0
     kjt = batch.features
-    return {"values": kjt.values(), "lengths": kjt.lengths(), "keys": list(kjt.keys()),
-            "probs": torch.sigmoid(logits.float()), "keep": keep}
+    ref = {"values": kjt.values(), "lengths": kjt.lengths(), "keys": list(kjt.keys()),
+           "probs": torch.sigmoid(logits.float()), "keep": keep}
+    if kjt.weights_or_none() is not None:
+        ref["weights"] = kjt.weights()
+    return ref
 
 
 __all__ = ["train_loop_per_worker", "read_train_state", "checkpoint_name", "METRICS_FILE", "EXPORT_REFERENCE_FILE"]

@@ -55,14 +55,21 @@ class EmbeddingArch(nn.Module):
         device: where the tables are allocated; ``torch.device("meta")`` defers allocation to the sharder.
         dim: embedding size D the model uses per field (the first D columns of each table); default: the
             tables' own width.
+        weighted: the input KJT carries per-id weights and each bag pools to the WEIGHTED sum of its embeddings
+            (fields without weights of their own get weight 1.0 per id, which is the plain sum).
     """
 
     def __init__(
-        self, tables: List[EmbeddingBagConfig], device: Optional[torch.device] = None, dim: Optional[int] = None
+        self,
+        tables: List[EmbeddingBagConfig],
+        device: Optional[torch.device] = None,
+        dim: Optional[int] = None,
+        weighted: bool = False,
     ) -> None:
         super().__init__()
         # the attribute name `ebc` is what the sharding code looks for (`embedding.ebc`)
-        self.ebc = EmbeddingBagCollection(tables=tables, device=device)
+        self.ebc = EmbeddingBagCollection(tables=tables, is_weighted=weighted, device=device)
+        self.weighted = weighted
         widths = {t.embedding_dim for t in tables}
         self.dim: int = dim if dim is not None else min(widths)
         if any(w < self.dim for w in widths):
@@ -76,7 +83,8 @@ class EmbeddingArch(nn.Module):
         return self._out_dim
 
     def forward(self, features: KeyedJaggedTensor) -> Tensor:
-        # features: F keys, B rows each -> pooled (B, F*D), fields in table order whatever the KJT key order.
+        # features: F keys, B rows each (+ per-id weights when weighted) -> pooled (B, F*D), fields in table order
+        # whatever the KJT key order.
         # A SHARDED collection returns its KeyedTensor with keys grouped by shard (e.g. f0, f2, f1 for two ranks),
         # so `.values()` would silently permute the fields; regroup by name to keep the towers' input layout.
         pooled = self.ebc(features).to_dict()  # field -> (B, storage_dim(D))

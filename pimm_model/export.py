@@ -61,16 +61,20 @@ class InferenceModel(nn.Module):
         return torch.sigmoid(self.head(x, None, 0.0))  # (B, T)
 
     @torch.jit.export
-    def forward_jagged(self, values: Tensor, lengths: Tensor) -> Tensor:
+    def forward_jagged(self, values: Tensor, lengths: Tensor, weights: Optional[Tensor] = None) -> Tensor:
         """Scores multi-valued fields given in KeyedJaggedTensor layout.
 
         Args:
             values: (N,) int64 indices, field 0's rows first, then field 1's, and so on.
             lengths: (F*B,) number of ids of each (field, row), field-major.
+            weights: (N,) float32 per-id weights (weighted bag fields; 1.0 for the other fields' ids), as the
+                trainer's KJT carries them; None: every id weighs 1 (a plain sum).
 
         Returns:
             probabilities (B, T).
         """
+        if weights is not None and weights.shape != values.shape:
+            raise ValueError("weights must have the shape of values")
         if lengths.dim() != 1 or lengths.numel() % self.num_fields != 0:
             raise ValueError("lengths must have shape (F*B,) with F = len(field_names)")
         batch_size = lengths.numel() // self.num_fields
@@ -84,7 +88,8 @@ class InferenceModel(nn.Module):
             lens = lengths_2d[i]  # (B,)
             n = int(field_totals[i])
             offsets = (torch.cumsum(lens, dim=0) - lens).to(values.dtype)  # (B,) start of each row's bag
-            embs.append(bag(values[start : start + n], offsets))  # (B, D); empty bags pool to 0 as in torchrec
+            w = None if weights is None else weights[start : start + n].to(torch.float32)
+            embs.append(bag(values[start : start + n], offsets, w))  # (B, D); empty bags pool to 0 as in torchrec
             start += n
         x = torch.cat(embs, dim=1)  # (B, F*D)
         return torch.sigmoid(self.head(x, None, 0.0))  # (B, T)
@@ -217,6 +222,7 @@ class ServingModel(nn.Module):
         probs = m(raw)                      # raw (B, F) int64 -> {"click": (B,), "conversion": (B,), ...}
         probs = m(raw, missing)             # missing (B, F) bool: True where a value is absent
         probs = m.forward_raw_jagged(values, lengths, None)   # bag fields: KJT layout of raw values
+        probs = m.forward_raw_jagged(values, lengths, None, weights)  # + per-value weights (weighted bags)
     """
 
     def __init__(self, core: InferenceModel, encoders: List[nn.Module], tasks: List[str]) -> None:
@@ -281,19 +287,21 @@ class ServingModel(nn.Module):
         return torch.cat(parts)  # (N,)
 
     @torch.jit.export
-    def forward_raw_jagged(self, values: Tensor, lengths: Tensor, missing: Optional[Tensor] = None
-                           ) -> Dict[str, Tensor]:
+    def forward_raw_jagged(self, values: Tensor, lengths: Tensor, missing: Optional[Tensor] = None,
+                           weights: Optional[Tensor] = None) -> Dict[str, Tensor]:
         """Bag (multi-valued) fields: raw values in KeyedJaggedTensor layout.
 
         Args:
             values: (N,) int64 raw values, all of field 0's rows first, then field 1's, and so on.
             lengths: (F*B,) number of values of each (field, row), field-major; an empty bag pools to zero.
             missing: (N,) bool, True for an absent value inside a bag; None: none absent.
+            weights: (N,) float32 weight of each value (the ``<field>__weights`` of weighted bag fields, 1.0 for
+                the other fields); None: all 1.0.
 
         Returns:
             {task: (B,) probability}.
         """
-        return self._by_task(self.core.forward_jagged(self.encode_jagged(values, lengths, missing), lengths))
+        return self._by_task(self.core.forward_jagged(self.encode_jagged(values, lengths, missing), lengths, weights))
 
     @torch.jit.export
     def forward_indices(self, ids: Tensor) -> Tensor:
@@ -301,9 +309,10 @@ class ServingModel(nn.Module):
         return self.core(ids)
 
     @torch.jit.export
-    def forward_jagged(self, values: Tensor, lengths: Tensor) -> Tensor:
-        """Indices in KJT layout (the trainer's batches) -> probabilities (B, T); for parity checks."""
-        return self.core.forward_jagged(values, lengths)
+    def forward_jagged(self, values: Tensor, lengths: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+        """Indices in KJT layout (the trainer's batches, with their per-id weights if any) -> probabilities (B, T);
+        for parity checks."""
+        return self.core.forward_jagged(values, lengths, weights)
 
     def _by_task(self, probs: Tensor) -> Dict[str, Tensor]:
         out: Dict[str, Tensor] = {}

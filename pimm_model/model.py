@@ -43,6 +43,7 @@ def build_model(
     fields: Sequence[Tuple[str, int]],
     num_tasks: int,
     embedding_device: Optional[torch.device] = None,
+    weighted: bool = False,
 ) -> MultiTaskModel:
     """Builds embedding + head.
 
@@ -52,8 +53,10 @@ def build_model(
         num_tasks: number of tasks T.
         embedding_device: where the embedding tables are allocated (``torch.device("meta")`` before sharding);
             the head is always built on CPU.
+        weighted: the batches' KJTs carry per-id weights (a data set with a weighted bag field).
     """
-    embedding = EmbeddingArch(make_tables(fields, cfg.embedding_dim), device=embedding_device, dim=cfg.embedding_dim)
+    embedding = EmbeddingArch(make_tables(fields, cfg.embedding_dim), device=embedding_device, dim=cfg.embedding_dim,
+                              weighted=weighted)
     head = build_head(cfg, embedding.out_dim, num_tasks)
     return MultiTaskModel(embedding, head)
 

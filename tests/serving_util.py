@@ -84,7 +84,7 @@ def fake_run(data: str, run_dir: str, model: str = "pimm", overrides: List[str] 
     spec = DatasetSpec.load(data)
     torch.manual_seed(0)
     net = build_model(cfg.model, [(f.name, f.num_embeddings) for f in spec.fields], len(spec.labels),
-                      embedding_device=torch.device("cpu"))
+                      embedding_device=torch.device("cpu"), weighted=spec.weighted)
     with torch.no_grad():  # move the weights off their init, tables included
         for p in net.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -99,9 +99,11 @@ def fake_run(data: str, run_dir: str, model: str = "pimm", overrides: List[str] 
     net.eval()
     with torch.no_grad():
         probs = torch.sigmoid(net(batch.features))
-    torch.save({"values": batch.features.values(), "lengths": batch.features.lengths(),
-                "keys": list(batch.features.keys()), "probs": probs, "keep": batch.weights > 0},
-               os.path.join(run_dir, EXPORT_REFERENCE_FILE))
+    ref = {"values": batch.features.values(), "lengths": batch.features.lengths(),
+           "keys": list(batch.features.keys()), "probs": probs, "keep": batch.weights > 0}
+    if spec.weighted:
+        ref["weights"] = batch.features.weights()
+    torch.save(ref, os.path.join(run_dir, EXPORT_REFERENCE_FILE))
     metrics = {"tasks": spec.labels, "best_epoch": 0, "best_checkpoint": ckpt, "world_size": 1,
                "early_stop_metric": "final_auc", "test": {"auc": {t: 0.5 for t in spec.labels}},
                "epochs": [{"epoch": 0, "valid": {"auc": {t: 0.5 for t in spec.labels}}}]}
@@ -119,7 +121,8 @@ def eager_probs(run_dir: str, split: str = "test") -> np.ndarray:
         cfg = config_from_dict(yaml.safe_load(f))
     spec = DatasetSpec.load(cfg.data.path)
     train = MultiTaskTrain(build_model(cfg.model, [(f.name, f.num_embeddings) for f in spec.fields],
-                                       len(spec.labels), embedding_device=torch.device("cpu")))
+                                       len(spec.labels), embedding_device=torch.device("cpu"),
+                                       weighted=spec.weighted))
     load_unsharded(os.path.join(run_dir, "epoch_000"), train)
     net = train.model.eval()
     reader = ShardReader(spec, spec.files(split), 512)
