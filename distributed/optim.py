@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
 
 import torch
 from torch import nn
@@ -37,16 +37,38 @@ def apply_sparse_optimizer(embedding_module: nn.Module, name: str, lr: float, l2
     kwargs: Dict[str, Any] = {"lr": lr}
     if l2 > 0:
         kwargs["weight_decay"] = l2
-    apply_optimizer_in_backward(SPARSE_OPTIMIZERS[name], embedding_module.parameters(), kwargs)
+    # a copy: TorchRec rewrites the dict it is given into fbgemm's names (learning_rate, optimizer)
+    apply_optimizer_in_backward(SPARSE_OPTIMIZERS[name], embedding_module.parameters(), dict(kwargs))
     return name, kwargs
 
 
-def build_optimizer(sharded: nn.Module, lr: float, weight_decay: float) -> CombinedOptimizer:
-    """Adam on every parameter not handled in backward + the sharded model's fused optimizer, as one
-    KeyedOptimizer so that DCP checkpoints both."""
-    dense_params: Dict[str, nn.Parameter] = {
-        name: p for name, p in sharded.named_parameters() if not getattr(p, "_in_backward_optimizers", None)
-    }
+# The torch optimizer that stands in for a fused one on REPLICATED (data_parallel) tables, which TorchRec trains with
+# dense gradients outside fbgemm: the same update rule, element-wise where fbgemm's is row-wise (rowwise_adagrad
+# keeps one accumulator per row; torch's Adagrad one per element). Rows a batch does not touch get a zero gradient:
+# Adagrad and SGD leave them unchanged, like the fused kernels (Adam's momentum still moves them, as torch's does).
+REPLICATED_TABLE_OPTIMIZERS: Dict[str, Type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "rowwise_adagrad": torch.optim.Adagrad,
+    "adagrad": torch.optim.Adagrad,
+    "sgd": torch.optim.SGD,
+}
+TABLE_PARAM_MARK = "embedding_bags."  # in the name of every EmbeddingBagCollection table parameter
+
+
+def build_optimizer(sharded: nn.Module, lr: float, weight_decay: float, sparse: str = "rowwise_adagrad",
+                    sparse_kwargs: Optional[Dict[str, Any]] = None) -> CombinedOptimizer:
+    """One KeyedOptimizer (so that DCP checkpoints every state) of: the sharded model's fused optimizer (sharded
+    tables, updated inside backward), the sparse optimizer's torch counterpart with its own lr / L2
+    (`sparse_kwargs`, as given to apply_sparse_optimizer) on replicated tables, and Adam on the dense layers."""
+    rest = {name: p for name, p in sharded.named_parameters() if not getattr(p, "_in_backward_optimizers", None)}
+    tables = {name: p for name, p in rest.items() if TABLE_PARAM_MARK in name}
+    dense_params = {name: p for name, p in rest.items() if name not in tables}
     make: Callable = lambda params: torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)  # noqa: E731
-    dense = KeyedOptimizerWrapper(dense_params, make)
-    return CombinedOptimizer([("sparse", sharded.fused_optimizer), ("dense", dense)])
+    parts: List[Tuple[str, Any]] = [("sparse", sharded.fused_optimizer),
+                                    ("dense", KeyedOptimizerWrapper(dense_params, make))]
+    if tables:
+        if sparse_kwargs is None:
+            raise ValueError(f"replicated tables {sorted(tables)} need the sparse optimizer's kwargs (lr, L2)")
+        cls, kwargs = REPLICATED_TABLE_OPTIMIZERS[sparse], dict(sparse_kwargs)
+        parts.append(("replicated", KeyedOptimizerWrapper(tables, lambda params: cls(params, **kwargs))))
+    return CombinedOptimizer(parts)

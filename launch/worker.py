@@ -102,10 +102,12 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     model = MultiTaskTrain(build_model(cfg.model, fields, len(tasks), embedding_device=torch.device("meta"),
                                        weighted=spec.weighted))
     sparse_opt = resolve_sparse_optimizer(cfg.train.sparse_optimizer, cfg.train.use_gpu)
-    apply_sparse_optimizer(model.model.embedding, sparse_opt, cfg.train.sparse_lr, cfg.train.embedding_l2)
+    _, sparse_kwargs = apply_sparse_optimizer(model.model.embedding, sparse_opt, cfg.train.sparse_lr,
+                                              cfg.train.embedding_l2)
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
-    dmp = shard_model(model, env.device, cfg.train.sharding_types, env.world_size, local_world)
-    optimizer = build_optimizer(dmp, cfg.train.lr, cfg.train.weight_decay)
+    dmp = shard_model(model, env.device, cfg.train.sharding_types, env.world_size, local_world,
+                      replicate_max_rows=cfg.train.replicate_max_rows)
+    optimizer = build_optimizer(dmp, cfg.train.lr, cfg.train.weight_decay, sparse_opt, sparse_kwargs)
     train_module: MultiTaskTrain = dmp.module  # the unwrapped train wrapper: where p is set
     if os.environ.get("PYTHONHASHSEED") is None:
         _say(zero, "warning: PYTHONHASHSEED is not set in the workers: the sharding plan may differ between runs")
@@ -223,6 +225,14 @@ def _train_epoch(dmp, optimizer, reader: ShardReader, epoch: int, steps: int, ta
                  train_module: MultiTaskTrain, fault: Optional[Dict[str, Any]], device: torch.device):
     dmp.train()
     sums = torch.zeros(len(tasks), dtype=torch.float64, device=device)
+    # Non-finite losses are recorded on the device, without a host sync or a collective per step (that per-step
+    # all-reduce was 9% of a worker's step, docs/performance.md); the ranks agree every log_every steps and at the
+    # end of the epoch, and all stop together naming the first bad step. The steps in between may apply a
+    # non-finite update: harmless, since the epoch's checkpoint is written only after the last check.
+    check_every = max(1, cfg.train.log_every)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss on this rank this epoch
+    first_bad = torch.full((), steps, dtype=torch.int64, device=device)  # step of the first one
+    first_bad_tasks = torch.zeros(len(tasks), dtype=torch.bool, device=device)  # tasks non-finite at that step
     start = last = time.perf_counter()
     for step, batch in enumerate(reader.iter_train(epoch, steps)):
         if fault is not None and fault["epoch"] == epoch and fault["step"] == step:
@@ -234,14 +244,15 @@ def _train_epoch(dmp, optimizer, reader: ShardReader, epoch: int, steps: int, ta
             train_module.set_p(p_at_step(step))
         optimizer.zero_grad()
         loss, (task_losses, _, _, _) = dmp(batch.to(device, non_blocking=True))
-        # every rank joins this tiny all-reduce each step, so a NaN on any rank stops all of them together
-        if any_rank(not bool(torch.isfinite(loss))):
-            worst = [t for t, v in zip(tasks, task_losses.tolist()) if v != v or abs(v) == float("inf")]
-            raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {step}, task(s) {worst or '(other rank)'}"
-                                     ": lower train.lr / train.sparse_lr; the last good checkpoint is kept")
+        first = ~torch.isfinite(loss) & ~nonfinite
+        first_bad = torch.where(first, torch.full_like(first_bad, step), first_bad)
+        first_bad_tasks = torch.where(first, ~torch.isfinite(task_losses), first_bad_tasks)
+        nonfinite |= first
         loss.backward()
         optimizer.step()
         sums += task_losses.double()
+        if (step + 1) % check_every == 0 or step + 1 == steps:
+            _stop_if_nonfinite(nonfinite, first_bad, first_bad_tasks, epoch, tasks)
         if zero and (step + 1) % cfg.train.log_every == 0:
             now = time.perf_counter()
             rate = cfg.train.log_every * cfg.train.batch_size * world_size / max(now - last, 1e-9)
@@ -250,6 +261,16 @@ def _train_epoch(dmp, optimizer, reader: ShardReader, epoch: int, steps: int, ta
                   f"{rate:,.0f} samples/s", flush=True)
     seconds = time.perf_counter() - start
     return {t: float(v) / max(steps, 1) for t, v in zip(tasks, sums.tolist())}, seconds
+
+
+def _stop_if_nonfinite(nonfinite: torch.Tensor, first_bad: torch.Tensor, first_bad_tasks: torch.Tensor, epoch: int,
+                       tasks: List[str]) -> None:
+    """Collective: every rank joins; if any rank saw a non-finite loss, all raise naming the first bad step."""
+    if any_rank(bool(nonfinite)):
+        step = agree_min(int(first_bad))
+        worst = [t for t, bad in zip(tasks, first_bad_tasks.tolist()) if bad] if bool(nonfinite) else []
+        raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {step}, task(s) {worst or '(other rank)'}"
+                                 ": lower train.lr / train.sparse_lr; the last good checkpoint is kept")
 
 
 FAULT_ENV = "PIMM_FAULT_INJECT"
