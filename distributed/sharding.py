@@ -20,13 +20,14 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.types import HardwareConfig, KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingPlan
+from torchrec.modules.embedding_configs import data_type_to_dtype
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 log = logging.getLogger(__name__)
 
 # What fbgemm/TorchRec can run per device (row_wise needs the GPU kernels). data_parallel is not among the defaults:
 # it replicates whole tables on every rank, which defeats the point for large id tables; small tables are
-# replicated by size instead (train.replicate_max_rows, table_sharding_types).
+# replicated by size instead (train.replicate_max_mb, table_sharding_types).
 SUPPORTED_SHARDING_TYPES: Dict[str, List[str]] = {
     "cpu": ["table_wise", "column_wise", "table_column_wise", "data_parallel"],
     "cuda": ["table_wise", "column_wise", "row_wise", "table_row_wise", "table_column_wise", "data_parallel"],
@@ -57,24 +58,29 @@ def find_ebcs(model: nn.Module) -> Dict[str, EmbeddingBagCollection]:
     return {name: m for name, m in model.named_modules() if isinstance(m, EmbeddingBagCollection)}
 
 
+def table_bytes(cfg) -> int:
+    """Bytes of one table's weights (rows x stored width x element size)."""
+    return cfg.num_embeddings * cfg.embedding_dim * data_type_to_dtype(cfg.data_type).itemsize
+
+
 def table_sharding_types(model: nn.Module, device: torch.device, sharding_types: Sequence[str],
-                         replicate_max_rows: int = 0) -> Dict[str, List[str]]:
+                         replicate_max_bytes: int = 0) -> Dict[str, List[str]]:
     """table name -> the sharding types the planner may use for it: ["data_parallel"] (replicated on every rank)
-    for tables of at most `replicate_max_rows` rows, else `sharding_types` (default: the device's)."""
+    for tables of at most `replicate_max_bytes`, else `sharding_types` (default: the device's)."""
     types = allowed_sharding_types(sharding_types, device)
     return {
-        cfg.name: ["data_parallel"] if cfg.num_embeddings <= replicate_max_rows else list(types)
+        cfg.name: ["data_parallel"] if table_bytes(cfg) <= replicate_max_bytes else list(types)
         for ebc in find_ebcs(model).values() for cfg in ebc.embedding_bag_configs()
     }
 
 
 def plan_sharding(model: nn.Module, device: torch.device, sharding_types: Sequence[str], world_size: int,
                   local_world_size: int, pg: Optional[dist.ProcessGroup] = None,
-                  replicate_max_rows: int = 0) -> ShardingPlan:
+                  replicate_max_bytes: int = 0) -> ShardingPlan:
     """Collective plan (identical on every rank) for every EmbeddingBagCollection in `model`."""
     constraints = {
         name: ParameterConstraints(sharding_types=types)
-        for name, types in table_sharding_types(model, device, sharding_types, replicate_max_rows).items()
+        for name, types in table_sharding_types(model, device, sharding_types, replicate_max_bytes).items()
     }
     mem = _memory_per_rank(local_world_size)
     hardware = HardwareConfig(ddr_cap_bytes=mem,
@@ -89,11 +95,11 @@ def plan_sharding(model: nn.Module, device: torch.device, sharding_types: Sequen
 
 
 def shard_model(model: nn.Module, device: torch.device, sharding_types: Sequence[str], world_size: int,
-                local_world_size: int, replicate_max_rows: int = 0) -> DistributedModelParallel:
+                local_world_size: int, replicate_max_bytes: int = 0) -> DistributedModelParallel:
     """Plan + DMP. Fused embedding optimizers must already be attached (distributed.optim.apply_sparse_optimizer);
     TorchRec does not fuse them into replicated (data_parallel) tables: see distributed.optim.build_optimizer."""
     plan = plan_sharding(model, device, sharding_types, world_size, local_world_size,
-                         replicate_max_rows=replicate_max_rows)
+                         replicate_max_bytes=replicate_max_bytes)
     if dist.get_rank() == 0:
         log.info("sharding plan:\n%s", plan)
     return DistributedModelParallel(module=model, device=device, plan=plan,

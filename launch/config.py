@@ -45,10 +45,11 @@ class TrainConfig:
     cpus_per_worker: int = 1  # also the intra-op thread count of each worker
     use_gpu: bool = False
     sharding_types: List[str] = field(default_factory=list)  # empty -> every type the device supports (planner picks)
-    # Tables with at most this many rows are replicated on every worker (TorchRec data_parallel): their lookups need
-    # no input/output all-to-all, their (small, dense) gradients join DDP's all-reduce and a torch optimizer of the
-    # sparse optimizer's kind updates them (distributed/optim.py). 0: shard every table. docs/performance.md.
-    replicate_max_rows: int = 4096
+    # Tables of at most this many MiB (rows x stored width x 4 bytes) are replicated on every worker (TorchRec
+    # data_parallel): their lookups need no input/output all-to-all, their (small, dense) gradients join DDP's
+    # all-reduce and a torch optimizer of the sparse optimizer's kind updates them (distributed/optim.py). With every
+    # table replicated there is no all-to-all at all: x1.28 on the default model (docs/performance.md). 0: shard all.
+    replicate_max_mb: float = 1.0
     early_stop_metric: str = "final_auc"  # final_auc | sum_auc (validation)
     patience: int = 2  # epochs without improvement before stopping
     log_every: int = 50  # steps between progress lines

@@ -33,11 +33,11 @@ def run_cli(args, env_extra=None, timeout=600, cwd=REPO):
 
 E2E_EPOCHS = 3
 # The reference 2-worker run: the e2e, failure and resume tests all compare against this one run.
-# replicate_max_rows=100: the 400-id customer table is sharded, the small ones replicated, so both paths run.
+# replicate_max_mb=0.005: the 400-id customer table (12.5 KiB) is sharded, the small ones replicated: both paths run.
 E2E_ARGS = [f"train.epochs={E2E_EPOCHS}", "train.batch_size=256", "train.log_every=20", "train.patience=5",
             "wandb.mode=offline", "model.embedding_dim=5", "model.tower_dims=[64,32]", "train.lr=0.003",
             "train.sparse_lr=0.05", "curriculum.alpha=0.6666666666666666", "curriculum.speed=0.3333333333333333",
-            "curriculum.beta=0", "seed=1", "train.replicate_max_rows=100"]
+            "curriculum.beta=0", "seed=1", "train.replicate_max_mb=0.005"]
 FAKE_WANDB_KEY = "pimmtestsecret0123456789abcdef0123456789ab"  # must never appear in any file a run writes
 
 

@@ -37,7 +37,7 @@ def _worker(rank, world, port, out):
         torch.manual_seed(0)
         net = _Net(torch.device("meta"))
         _, kwargs = apply_sparse_optimizer(net.ebc, "rowwise_adagrad", SPARSE_LR, 0.0)
-        dmp = shard_model(net, torch.device("cpu"), [], world, world, replicate_max_rows=100)
+        dmp = shard_model(net, torch.device("cpu"), [], world, world, replicate_max_bytes=1000)
         opt = build_optimizer(dmp, DENSE_LR, 0.0, "rowwise_adagrad", kwargs)
         replicated = "ebc.embedding_bags.t_small.weight"  # a plain tensor on every rank (sharded ones are not saved)
         before = dmp.state_dict()[replicated].clone()
@@ -77,11 +77,11 @@ def test_small_tables_are_replicated_and_follow_the_sparse_rule(tmp_path):
     torch.testing.assert_close(delta[moved].abs(), torch.full((3, 4), SPARSE_LR), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("types, max_rows, want", [
+@pytest.mark.parametrize("types, max_bytes, want", [  # tables of 6, 50, 5000 rows x 4 floats: 96 B, 800 B, 80 kB
     ([], 0, {"t_small": ["table_wise", "column_wise"]}),
-    ([], 50, {"t_small": ["data_parallel"], "t_large": ["table_wise", "column_wise"]}),
-    (["column_wise"], 10, {"t_tiny": ["data_parallel"], "t_small": ["column_wise"]}),
+    ([], 800, {"t_small": ["data_parallel"], "t_large": ["table_wise", "column_wise"]}),
+    (["column_wise"], 799, {"t_tiny": ["data_parallel"], "t_small": ["column_wise"]}),
 ])
-def test_table_sharding_types_by_size(types, max_rows, want):
-    got = table_sharding_types(_Net(torch.device("meta")), torch.device("cpu"), types, max_rows)
+def test_table_sharding_types_by_size(types, max_bytes, want):
+    got = table_sharding_types(_Net(torch.device("meta")), torch.device("cpu"), types, max_bytes)
     assert {k: got[k] for k in want} == want

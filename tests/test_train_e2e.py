@@ -23,7 +23,7 @@ def test_loss_falls_and_every_task_learns(trained_run):
     for task, auc in metrics["test"]["auc"].items():
         assert auc > 0.6, (task, metrics["test"]["auc"])
     assert metrics["test"]["rows"]["count"] == 6000  # the whole test split, across both workers, padding excluded
-    plan = metrics["sharding_plan"]  # the 400-id table sharded, the small ones replicated (train.replicate_max_rows)
+    plan = metrics["sharding_plan"]  # the 400-id table sharded, the small ones replicated (train.replicate_max_mb)
     assert not plan["t_customer"].startswith("data_parallel") and plan["t_fund"] == "data_parallel@[0, 1]"
 
 
