@@ -329,19 +329,24 @@ def trainer_rate(epochs: List[Dict[str, Any]], skip_first: bool = True) -> float
 
 
 def run_trainer(data_path: str, overrides: Sequence[str], timeout: float = 3600, keep_dir: bool = False,
-                quiet: bool = True) -> Dict[str, Any]:
+                quiet: bool = True, repo: Optional[str] = None) -> Dict[str, Any]:
     """`launch/train.py` in a subprocess (its own Ray) on ``data_path``; W&B disabled, a temporary run folder.
     Returns the wall time, metrics.json, the per-epoch training samples/s, the peak RSS of every Ray train worker
-    and of the driver (VmHWM polled), and the size of the run folder (checkpoints + model.pt)."""
+    and of the driver (VmHWM polled), and the size of the run folder (checkpoints + model.pt).
+    ``repo``: run the trainer of another checkout (e.g. a git worktree of an older commit, for before/after
+    ratios measured side by side); its packages come first on PYTHONPATH, ahead of this venv's editable install."""
+    repo = os.path.abspath(repo or REPO)
     run_dir = tempfile.mkdtemp(prefix="pimm-bench-run-")
-    cmd = [sys.executable, os.path.join(REPO, "launch", "train.py"), f"data.path={data_path}", f"run.dir={run_dir}",
+    cmd = [sys.executable, os.path.join(repo, "launch", "train.py"), f"data.path={data_path}", f"run.dir={run_dir}",
            "wandb.mode=disabled", *overrides]
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true", RAY_DEDUP_LOGS="0")
+    if repo != REPO:
+        env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("RAY_ADDRESS", None)  # always a private local Ray, never a cluster someone else is using
     log_path = os.path.join(run_dir, "..", os.path.basename(run_dir) + ".log")
     elapsed = timer()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
         with PeakRssWatcher(proc.pid) as watch:
             try:
                 rc = proc.wait(timeout=timeout)
@@ -419,23 +424,28 @@ ROOFLINE_KINDS = {
 }
 
 
-def build_single_process(model_cfg, spec, kind: str, lr: float = 1e-3, sparse_lr: float = 0.02, seed: int = 0):
+def build_single_process(model_cfg, spec, kind: str, lr: float = 1e-3, sparse_lr: float = 0.02, seed: int = 0,
+                         device=None):
     """The trainer's model (build_model + MultiTaskTrain, same sizes) in one plain process, no sharding, no process
-    group. Returns (train module, [optimizers])."""
+    group, on ``device`` (default CPU). Returns (train module, [optimizers]). The fused kind uses the trainer's
+    default sparse optimizer of that device: row-wise Adagrad on CPU, Adam on a GPU."""
     import torch
 
     from pimm_model.model import MultiTaskTrain, build_model
 
+    device = torch.device(device or "cpu")
     torch.manual_seed(seed)
     module = MultiTaskTrain(build_model(model_cfg, spec_fields(spec), len(spec.labels), weighted=spec.weighted))
     module.set_p(0.5)  # the PIM draws its label mask whatever p is: p does not change the cost
+    module.to(device)
     emb = module.model.embedding
     if kind == "fused":
         from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
         from torchrec.optim import RowWiseAdagrad
 
-        emb.ebc = FusedEmbeddingBagCollection(emb.ebc.embedding_bag_configs(), RowWiseAdagrad, {"lr": sparse_lr},
-                                              device=torch.device("cpu"))
+        sparse_cls = RowWiseAdagrad if device.type == "cpu" else torch.optim.Adam
+        emb.ebc = FusedEmbeddingBagCollection(emb.ebc.embedding_bag_configs(), sparse_cls, {"lr": sparse_lr},
+                                              device=device)
         dense = [p for n, p in module.named_parameters() if ".ebc." not in n]
         return module, [torch.optim.Adam(dense, lr=lr)]
     if kind == "ebc_adagrad":
@@ -460,8 +470,19 @@ def train_steps_rate(module, optimizers, batches: list, warmup: int = 3) -> floa
     for b in batches[:warmup]:
         step(b)
     timed = batches[warmup:]
+    sync = _device_sync(batches[0].labels.device if batches else None)
+    sync()
     elapsed = timer()
     for b in timed:
         step(b)
+    sync()  # a GPU runs asynchronously: time the work, not its launch
     return sum(b.batch_size for b in timed) / max(elapsed(), 1e-9)
+
+
+def _device_sync(device) -> Callable[[], None]:
+    if device is not None and device.type == "cuda":
+        import torch
+
+        return torch.cuda.synchronize
+    return lambda: None
 

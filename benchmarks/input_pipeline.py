@@ -10,11 +10,17 @@ process with torch.set_num_threads(1) (a worker's intra-op threads in the defaul
 thread pool, as in the worker). Variants, each a full pass over those files, repeated --passes times per
 measurement, interleaved:
 
-  raw_dataset      pyarrow.dataset(files).to_batches(columns=spec columns, batch_size=B): decode only (the limit)
+  raw_dataset      pyarrow.dataset(files).to_batches(columns=spec columns, batch_size=B): decode only
   raw_iter         pq.ParquetFile(f).iter_batches(batch_size=B, columns=...) per file: decode only
-  reader_train     ShardReader(shuffle=True).iter_train: what the trainer runs (validation, cast, per-row-group
-                   shuffle, KJT + labels + weights)
-  reader_noshuffle ShardReader(shuffle=False).iter_train: the same without the permutation
+  raw_row_groups   pq.ParquetFile(f).read_row_group(g, columns=..., use_threads=False) for every row group: decode
+                   only (the fastest raw read on row groups of a few thousand rows: the limit)
+  reader_train     ShardReader(shuffle=True).iter_train, ONE reader for all passes, as the trainer keeps one for
+                   all epochs: per-row-group shuffle, KJT + labels + weights (validation ran in the warm-up pass)
+  reader_first     the same with a new ShardReader per pass: a first epoch (schema checks, footers, null /
+                   id-range / weight checks of every row group)
+  reader_noshuffle ShardReader(shuffle=False).iter_train, one reader: the same without the permutation
+
+The limit is the fastest raw variant's median.
 
 Rates are rows/s of that worker. The trainer consumes (trainer samples/s) / workers rows/s per worker.
 """
@@ -53,10 +59,21 @@ def raw_iter(files, columns, batch_size: int) -> int:
     return n
 
 
-def reader_pass(spec, files, batch_size: int, shuffle: bool, epoch: int) -> int:
+def raw_row_groups(files, columns) -> int:
+    import pyarrow.parquet as pq
+
+    n = 0
+    for f in files:
+        pf = pq.ParquetFile(f)
+        for g in range(pf.num_row_groups):
+            n += pf.read_row_group(g, columns=columns, use_threads=False).num_rows
+    return n
+
+
+def reader_pass(spec, files, batch_size: int, shuffle: bool, epoch: int, reader=None) -> int:
     from data_pipeline.reader import ShardReader
 
-    reader = ShardReader(spec, files, batch_size, shuffle=shuffle, seed=0)
+    reader = reader or ShardReader(spec, files, batch_size, shuffle=shuffle, seed=0)
     n = 0
     for batch in reader.iter_train(epoch, reader.num_full_batches()):
         n += batch.batch_size
@@ -72,7 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, as a worker)")
     ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions (default 5)")
     ap.add_argument("--passes", type=int, default=5, help="passes over the files per measurement (default 5)")
-    ap.add_argument("--variants", default="raw_dataset,raw_iter,reader_train,reader_noshuffle")
+    ap.add_argument("--variants", default="raw_dataset,raw_iter,raw_row_groups,reader_train,reader_first,"
+                                          "reader_noshuffle")
     ap.add_argument("--trainer-rate", type=float, default=None,
                     help="the trainer's training samples/s PER WORKER, for the 10x target")
     ap.add_argument("--trainer-json", default=None,
@@ -82,7 +100,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from data_pipeline.reader import shard_files_for_rank
+    from data_pipeline.reader import ShardReader, shard_files_for_rank
     from data_pipeline.spec import DatasetSpec
 
     torch.set_num_threads(args.threads)
@@ -96,11 +114,14 @@ def main(argv=None) -> int:
     print(f"# data {data}: rank {args.rank} of {args.workers} reads {len(files)} file(s); batch {bs}; "
           f"{len(columns)} columns", flush=True)
 
+    kept = {True: ShardReader(spec, files, bs, shuffle=True, seed=0), False: ShardReader(spec, files, bs)}
     funcs = {
         "raw_dataset": lambda ep: raw_dataset(files, columns, bs),
         "raw_iter": lambda ep: raw_iter(files, columns, bs),
-        "reader_train": lambda ep: reader_pass(spec, files, bs, True, ep),
-        "reader_noshuffle": lambda ep: reader_pass(spec, files, bs, False, ep),
+        "raw_row_groups": lambda ep: raw_row_groups(files, columns),
+        "reader_train": lambda ep: reader_pass(spec, files, bs, True, ep, kept[True]),
+        "reader_first": lambda ep: reader_pass(spec, files, bs, True, ep),
+        "reader_noshuffle": lambda ep: reader_pass(spec, files, bs, False, ep, kept[False]),
     }
     variants = [v for v in args.variants.split(",") if v]
     bad = sorted(set(variants) - set(funcs))

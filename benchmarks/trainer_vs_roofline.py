@@ -59,6 +59,9 @@ def main(argv=None) -> int:
     ap.add_argument("--trainer-variant", action="append", default=[], metavar="LABEL:OVERRIDES",
                     help="also run the trainer with these overrides in every repetition, e.g. "
                          "'bs4096:train.batch_size=4096' or 'dp:train.sharding_types=[data_parallel]' (repeatable)")
+    ap.add_argument("--trainer-checkout", action="append", default=[], metavar="LABEL=DIR",
+                    help="also run the trainer of another checkout DIR (e.g. `git worktree add DIR OLD_COMMIT`) with "
+                         "the headline trainer's overrides in every repetition: a before/after ratio (repeatable)")
     ap.add_argument("--parallel-procs", type=int, default=None,
                     help="processes of the concurrent 1-thread reference (default: --workers; 0: skip it)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of the fastest variant")
@@ -106,6 +109,15 @@ def main(argv=None) -> int:
         if not label or label in trainers or not ovr.strip():
             ap.error(f"--trainer-variant {spec_text!r}: expected 'LABEL:key=value [key=value ...]', unique labels")
         trainers[label] = [*args.trainer_arg, *ovr.split()]
+    checkouts = {}  # label -> another checkout's folder
+    for spec_text in args.trainer_checkout:
+        label, _, folder = spec_text.partition("=")
+        if not label or label in trainers or not os.path.isfile(os.path.join(folder, "launch", "train.py")):
+            ap.error(f"--trainer-checkout {spec_text!r}: expected 'LABEL=DIR' (a checkout with launch/train.py), "
+                     "unique labels")
+        trainers[label] = list(args.trainer_arg)
+        checkouts[label] = os.path.abspath(folder)
+    args.checkouts = checkouts
     if args.roofline_only:
         trainers = {}
     rates = {v[0]: [] for v in variants}
@@ -135,8 +147,10 @@ def _reps(args, variants, models, batches, rates, parallel, par_name, trainers, 
             rates[par_name].append(parallel.run())
             line += f" parallel={rates[par_name][-1]:,.0f}"
         for label, ovr in trainers.items():
-            run = C.run_trainer(data, C.trainer_overrides(per_worker, args.workers, args.epochs, ovr))
+            run = C.run_trainer(data, C.trainer_overrides(per_worker, args.workers, args.epochs, ovr),
+                                repo=args.checkouts.get(label))
             run["overrides"] = ovr
+            run["checkout"] = args.checkouts.get(label)
             runs[label].append(run)
             per_epoch = [round(e["samples_per_s"]) for e in run["epochs"]]
             line += f" {label}={run['samples_per_s']:,.0f} (epochs {per_epoch})"
@@ -160,6 +174,7 @@ def _report(args, env, variants, models, batches, rates, par_name, trainers, run
         rows.append(row)
     for label in runs:
         name = (f"FULL TRAINER ({args.workers} Ray workers, B={per_worker}/worker)" if label == "trainer"
+                else f"trainer of checkout {label}: {args.checkouts[label]}" if label in args.checkouts
                 else f"trainer variant {label}: {' '.join(trainers[label][len(args.trainer_arg):])}")
         rows.append({"variant": name, "samples/s (median)": t_med[label], "best": max(t_rates[label]),
                      "min..max": C.spread(t_rates[label]), "trainer / this": trainer_med / t_med[label],

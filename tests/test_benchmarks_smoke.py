@@ -30,9 +30,11 @@ def _run(script, args, tmp_path, cache):
 
 def test_input_pipeline(tmp_path, cache):
     out, res = _run("input_pipeline.py", ["--reps", "1", "--passes", "1", "--trainer-rate", "1000"], tmp_path, cache)
-    assert set(res["medians"]) == {"raw_dataset", "raw_iter", "reader_train", "reader_noshuffle"}
+    assert set(res["medians"]) == {"raw_dataset", "raw_iter", "raw_row_groups", "reader_train", "reader_first",
+                                   "reader_noshuffle"}
     assert all(v > 0 for v in res["medians"].values())
-    assert res["limit"] in ("raw_dataset", "raw_iter")
+    assert res["limit"] in ("raw_dataset", "raw_iter", "raw_row_groups")
+    assert res["limit"] == max((v for v in res["medians"] if v.startswith("raw")), key=res["medians"].get)
     assert {"raw", "consume"} <= set(res["verdicts"]) and res["verdicts"]["raw"]["ratio"] > 0
     assert "reader_train /" in out
 
@@ -57,8 +59,16 @@ def test_roofline_only(tmp_path, cache):
     assert "trainer_runs" not in res and "FULL TRAINER" not in out
 
 
+def test_gpu_check_roofline_on_cpu(tmp_path, cache):
+    """benchmarks/gpu_check.py's roofline path on the CPU (CI has no GPU; its trainer half needs one)."""
+    out, res = _run("gpu_check.py", ["--device", "cpu", "--skip-trainer", "--reps", "1", "--steps", "3",
+                                     "--batch-size", "512"], tmp_path, cache)
+    assert res["device"] == "cpu" and len(res["roofline"]) == 1 and res["roofline"][0] > 0 and res["trainer"] == []
+    assert "GPU check on cpu" in out
+
+
 @pytest.mark.parametrize("script", ["trainer_vs_roofline.py", "trainer_vs_plain_pytorch.py", "input_pipeline.py",
-                                    "memory_scaling.py", "big_tables.py", "profile_worker.py"])
+                                    "memory_scaling.py", "big_tables.py", "profile_worker.py", "gpu_check.py"])
 def test_every_script_parses_its_options(script):
     proc = run_cli([f"benchmarks/{script}", "--help"], timeout=60)  # argparse runs before any heavy import
     assert proc.returncode == 0 and "usage:" in proc.stdout and "--json" in proc.stdout, proc.stderr[-2000:]
