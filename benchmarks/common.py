@@ -197,6 +197,24 @@ def bench_data(rows_train: int, rows_valid: int = 20_000, rows_test: int = 20_00
     return ensure_dataset(syn, cache_dir or DEFAULT_CACHE)
 
 
+def bench_setup(args, threads: int):
+    """What every benchmark does first: its data set (generated once), spec, default config, per-worker batch
+    (``args.batch_size`` or the config's), torch intra-op threads, and the environment, printed.
+    Returns (data path, spec, config, per-worker batch, environment)."""
+    import torch
+
+    from data_pipeline.spec import DatasetSpec
+
+    data = data_from_args(args)
+    spec = DatasetSpec.load(data)
+    cfg = default_config()
+    per_worker = getattr(args, "batch_size", None) or cfg.train.batch_size
+    torch.set_num_threads(threads)
+    env = env_info()
+    print_env(env)
+    return data, spec, cfg, per_worker, env
+
+
 def add_data_args(ap, rows: int, rows_eval: int = 20_000) -> None:
     ap.add_argument("--rows", type=int, default=rows, help=f"train rows of the synthetic data set (default {rows})")
     ap.add_argument("--rows-eval", type=int, default=rows_eval, help="rows of the valid and of the test split")
@@ -455,15 +473,20 @@ def build_single_process(model_cfg, spec, kind: str, lr: float = 1e-3, sparse_lr
     raise ValueError(f"unknown single-process model kind {kind!r}; one of {sorted(ROOFLINE_KINDS)}")
 
 
+def train_step(module, optimizers, batch) -> None:
+    """One forward + backward + optimizer step of a MultiTaskTrain module (the single-process reference)."""
+    for o in optimizers:
+        o.zero_grad()
+    loss, _ = module(batch)
+    loss.backward()
+    for o in optimizers:
+        o.step()
+
+
 def train_steps_rate(module, optimizers, batches: list, warmup: int = 3) -> float:
     """samples/s of forward + backward + optimizer step over the pre-built batches (after ``warmup`` steps)."""
     def step(batch) -> None:
-        for o in optimizers:
-            o.zero_grad()
-        loss, _ = module(batch)
-        loss.backward()
-        for o in optimizers:
-            o.step()
+        train_step(module, optimizers, batch)
 
     module.train()
     warmup = min(warmup, max(len(batches) - 1, 0))

@@ -56,12 +56,7 @@ def standin_child(data: str, epochs: int, batch_size: int, workers: int) -> None
     rows = 0
     for epoch in range(epochs):
         for batch in reader.iter_train(epoch, reader.num_full_batches()):
-            for o in opts:
-                o.zero_grad()
-            loss, _ = module(batch)
-            loss.backward()
-            for o in opts:
-                o.step()
+            C.train_step(module, opts, batch)
             rows += batch.batch_size
     seconds = elapsed()
     print(json.dumps({"seconds": seconds, "rows": rows, "samples_per_s": rows / seconds,

@@ -147,22 +147,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
-    import torch
 
-    from data_pipeline.spec import DatasetSpec
 
     variants = [v for v in args.variants.split(",") if v]
     bad = sorted(set(variants) - {"trainer", "a", "a_dict", "b"})
     if bad:
         ap.error(f"unknown variants {bad}")
-    data = C.data_from_args(args)
-    spec = DatasetSpec.load(data)
-    cfg = C.default_config()
-    per_worker = args.batch_size or cfg.train.batch_size
+    data, spec, cfg, per_worker, env = C.bench_setup(args, args.threads)
     plain_batch = args.plain_batch or per_worker * args.workers
-    torch.set_num_threads(args.threads)
-    env = C.env_info()
-    C.print_env(env)
     print(f"# data {data}: {spec.rows['train']:,} train rows; model {cfg.model.name} D={cfg.model.embedding_dim} "
           f"towers {cfg.model.tower_dims}; trainer {args.workers} workers x {per_worker}; plain batch {plain_batch}, "
           f"{args.threads} threads", flush=True)

@@ -73,17 +73,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from data_pipeline.spec import DatasetSpec
 
-    data = C.data_from_args(args)
+    data, spec, cfg, per_worker, env = C.bench_setup(args, args.threads)
     procs = args.workers if args.parallel_procs is None else args.parallel_procs
-    spec = DatasetSpec.load(data)
-    cfg = C.default_config()
-    per_worker = args.batch_size or cfg.train.batch_size
     global_batch = per_worker * args.workers
-    torch.set_num_threads(args.threads)
-    env = C.env_info()
-    C.print_env(env)
     print(f"# data {data}: {spec.rows['train']:,} train rows, {len(spec.fields)} fields; model {cfg.model.name} "
           f"D={cfg.model.embedding_dim} towers {cfg.model.tower_dims}; per-worker batch {per_worker}, "
           f"{args.workers} workers -> global batch {global_batch}", flush=True)

@@ -6,7 +6,7 @@ drops its tail) and the MAX of num_padded_batches() for evaluation (short ranks 
 is scored exactly once). Memory: at most one row group plus a carry-over of < batch_size rows is held at a time.
 
 Speed (docs/performance.md, benchmarks/input_pipeline.py): row groups are decoded with ``ParquetFile.read_row_group``
-(about twice the rate of a dataset fragment's ``to_table`` for row groups of a few thousand rows), converted to numpy
+(the fastest raw read there for row groups of a few thousand rows), converted to numpy
 once, and shuffled, sliced and concatenated as numpy arrays; the id-range and weight checks run on the first read of
 each row group only (the reader lives for the whole run, so later epochs skip them).
 """
@@ -79,7 +79,7 @@ class _Rows:
             bags[name] = (new_off, ids[pos])
             if name in self.bag_weights:
                 weights[name] = self.bag_weights[name][pos]
-        # ndarray.take: about 1.8x faster than fancy indexing along axis 1 for the (F, n) id matrix
+        # ndarray.take: faster than fancy indexing along axis 1 for the (F, n) id matrix
         return _Rows(len(idx), self.single.take(idx, axis=1), bags, weights, self.labels.take(idx, axis=0))
 
     def slice(self, a: int, b: int) -> _Rows:

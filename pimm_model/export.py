@@ -253,12 +253,7 @@ class ServingModel(nn.Module):
         """(B, F) raw int64 values [+ (B, F) bool missing] -> (B, F) int64 indices."""
         if raw.dim() != 2 or raw.size(1) != self.num_fields:
             raise ValueError("raw must have shape (B, F) with F = len(field_names)")
-        if raw.dtype != torch.int64:
-            raise ValueError("raw values must be int64 (string fields: their int64 string key)")
-        if missing is None:
-            missing = torch.zeros(raw.shape, dtype=torch.bool, device=raw.device)
-        elif missing.shape != raw.shape:
-            raise ValueError("missing must have the shape of raw")
+        missing = self._missing_mask(raw, missing)
         cols: List[Tensor] = []
         for i, enc in enumerate(self.encoders):
             cols.append(enc(raw[:, i].contiguous(), missing[:, i]))  # (B,)
@@ -269,12 +264,7 @@ class ServingModel(nn.Module):
         """(N,) raw values in KJT layout (field-major, ``lengths`` (F*B,)) [+ (N,) bool missing] -> (N,) indices."""
         if lengths.dim() != 1 or lengths.numel() % self.num_fields != 0:
             raise ValueError("lengths must have shape (F*B,) with F = len(field_names)")
-        if values.dtype != torch.int64:
-            raise ValueError("raw values must be int64 (string fields: their int64 string key)")
-        if missing is None:
-            missing = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
-        elif missing.shape != values.shape:
-            raise ValueError("missing must have the shape of values")
+        missing = self._missing_mask(values, missing)
         totals = lengths.view(self.num_fields, -1).sum(dim=1)  # (F,) values per field
         if int(totals.sum()) != values.numel():
             raise ValueError("values must hold sum(lengths) values")
@@ -285,6 +275,16 @@ class ServingModel(nn.Module):
             parts.append(enc(values[start : start + n], missing[start : start + n]))
             start += n
         return torch.cat(parts)  # (N,)
+
+    def _missing_mask(self, raw: Tensor, missing: Optional[Tensor]) -> Tensor:
+        """Checks raw values are int64 and returns the missing mask of their shape (all False when None)."""
+        if raw.dtype != torch.int64:
+            raise ValueError("raw values must be int64 (string fields: their int64 string key)")
+        if missing is None:
+            return torch.zeros(raw.shape, dtype=torch.bool, device=raw.device)
+        if missing.shape != raw.shape:
+            raise ValueError("missing must have the shape of the raw values")
+        return missing
 
     @torch.jit.export
     def forward_raw_jagged(self, values: Tensor, lengths: Tensor, missing: Optional[Tensor] = None,

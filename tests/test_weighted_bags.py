@@ -70,7 +70,6 @@ def test_legacy_spec_with_weight_columns_in_meta_only(prepared, tmp_path):
     for f in raw["fields"]:
         f.pop("weighted")
     legacy = tmp_path / "spec.json"
-    legacy.write_text(json.dumps(raw))
     for split, files in raw["splits"].items():
         raw["splits"][split] = [os.path.join(prepared, p) for p in files]
     legacy.write_text(json.dumps(raw))
