@@ -230,8 +230,7 @@ def _train_epoch(dmp, optimizer, reader: ShardReader, epoch: int, steps: int, ta
     # end of the epoch, and all stop together naming the first bad step. The steps in between may apply a
     # non-finite update: harmless, since the epoch's checkpoint is written only after the last check.
     check_every = max(1, cfg.train.log_every)
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss on this rank this epoch
-    first_bad = torch.full((), steps, dtype=torch.int64, device=device)  # step of the first one
+    first_bad = torch.full((), steps, dtype=torch.int64, device=device)  # step of the first one (steps: none yet)
     first_bad_tasks = torch.zeros(len(tasks), dtype=torch.bool, device=device)  # tasks non-finite at that step
     start = last = time.perf_counter()
     for step, batch in enumerate(reader.iter_train(epoch, steps)):
@@ -244,15 +243,14 @@ def _train_epoch(dmp, optimizer, reader: ShardReader, epoch: int, steps: int, ta
             train_module.set_p(p_at_step(step))
         optimizer.zero_grad()
         loss, (task_losses, _, _, _) = dmp(batch.to(device, non_blocking=True))
-        first = ~torch.isfinite(loss) & ~nonfinite
+        first = ~torch.isfinite(loss) & (first_bad == steps)
         first_bad = torch.where(first, torch.full_like(first_bad, step), first_bad)
         first_bad_tasks = torch.where(first, ~torch.isfinite(task_losses), first_bad_tasks)
-        nonfinite |= first
         loss.backward()
         optimizer.step()
         sums += task_losses.double()
         if (step + 1) % check_every == 0 or step + 1 == steps:
-            _stop_if_nonfinite(nonfinite, first_bad, first_bad_tasks, epoch, tasks)
+            _stop_if_nonfinite(first_bad, first_bad_tasks, epoch, steps, tasks)
         if zero and (step + 1) % cfg.train.log_every == 0:
             now = time.perf_counter()
             rate = cfg.train.log_every * cfg.train.batch_size * world_size / max(now - last, 1e-9)
@@ -263,12 +261,14 @@ def _train_epoch(dmp, optimizer, reader: ShardReader, epoch: int, steps: int, ta
     return {t: float(v) / max(steps, 1) for t, v in zip(tasks, sums.tolist())}, seconds
 
 
-def _stop_if_nonfinite(nonfinite: torch.Tensor, first_bad: torch.Tensor, first_bad_tasks: torch.Tensor, epoch: int,
+def _stop_if_nonfinite(first_bad: torch.Tensor, first_bad_tasks: torch.Tensor, epoch: int, steps: int,
                        tasks: List[str]) -> None:
-    """Collective: every rank joins; if any rank saw a non-finite loss, all raise naming the first bad step."""
-    if any_rank(bool(nonfinite)):
-        step = agree_min(int(first_bad))
-        worst = [t for t, bad in zip(tasks, first_bad_tasks.tolist()) if bad] if bool(nonfinite) else []
+    """Collective: every rank joins; if any rank saw a non-finite loss (first_bad < steps), all raise naming the
+    first bad step."""
+    mine = int(first_bad)
+    if any_rank(mine < steps):
+        step = agree_min(mine)
+        worst = [t for t, bad in zip(tasks, first_bad_tasks.tolist()) if bad] if mine < steps else []
         raise FloatingPointError(f"non-finite loss at epoch {epoch}, step {step}, task(s) {worst or '(other rank)'}"
                                  ": lower train.lr / train.sparse_lr; the last good checkpoint is kept")
 
