@@ -1,5 +1,6 @@
-"""The real Ali-CCP sample files (../shared/data/ali-ccp-samples) through the csv format: row counts, label rates,
-chain violations as they are in the files, header vs no header, ids that decode back to the file's values."""
+"""The real Ali-CCP sample files (tests/data/ali-ccp-samples, with their sources and licences) through the csv
+format: row counts, label rates, chain violations as they are in the files, header vs no header, ids that decode back
+to the file's values."""
 
 import csv
 import json
@@ -15,7 +16,6 @@ from tests.prepare_util import SAMPLES, decode, read_split
 AITM_TRAIN = os.path.join(SAMPLES, "paddlerec_aitm", "train.csv")
 AITM_TEST = os.path.join(SAMPLES, "paddlerec_aitm", "test.csv")
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(SAMPLES), reason=f"samples not found at {SAMPLES}")
 
 
 def _rows(path, header):

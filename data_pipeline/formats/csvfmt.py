@@ -2,7 +2,7 @@
 
     prepare_data.py csv --input train.csv --test-input test.csv --out data/aliccp
 
-Layouts (see ../shared/data/ali-ccp-samples/SOURCES.md), told apart by the first line of each file:
+Layouts (see tests/data/ali-ccp-samples/SOURCES.md), told apart by the first line of each file:
 - a header line (any token that is not a number), e.g. torch-rechub's ``click,purchase,101,...,301,109_14,...,D853``
   or PaddleRec AITM's ``click,purchase,101,...,301``: columns by name.
 - no header (every token a number), as PaddleRec AITM's test.csv: the names come from --columns, else from the header
