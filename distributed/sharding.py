@@ -63,24 +63,54 @@ def table_bytes(cfg) -> int:
     return cfg.num_embeddings * cfg.embedding_dim * data_type_to_dtype(cfg.data_type).itemsize
 
 
+# Sharding types that cut one table into pieces on several ranks (the others keep a table whole on one rank).
+SPLITTING_TYPES = ("column_wise", "table_column_wise", "row_wise", "table_row_wise")
+CW_ALIGN = 4  # TorchRec's column-wise shard widths are multiples of 4
+
+
 def table_sharding_types(model: nn.Module, device: torch.device, sharding_types: Sequence[str],
-                         replicate_max_bytes: int = 0) -> Dict[str, List[str]]:
+                         replicate_max_bytes: int = 0, split_min_bytes: int = 0) -> Dict[str, List[str]]:
     """table name -> the sharding types the planner may use for it: ["data_parallel"] (replicated on every rank)
-    for tables of at most `replicate_max_bytes`, else `sharding_types` (default: the device's)."""
+    for tables of at most `replicate_max_bytes`; only the splitting ones among the allowed types for tables of at
+    least `split_min_bytes` (> 0), so that no single rank has to hold a big table whole (kept as allowed when none
+    of the allowed types splits); else `sharding_types` (default: the device's)."""
     types = allowed_sharding_types(sharding_types, device)
-    return {
-        cfg.name: ["data_parallel"] if table_bytes(cfg) <= replicate_max_bytes else list(types)
-        for ebc in find_ebcs(model).values() for cfg in ebc.embedding_bag_configs()
-    }
+    splitting = [t for t in types if t in SPLITTING_TYPES] or types
+    out: Dict[str, List[str]] = {}
+    for ebc in find_ebcs(model).values():
+        for cfg in ebc.embedding_bag_configs():
+            size = table_bytes(cfg)
+            if size <= replicate_max_bytes:
+                out[cfg.name] = ["data_parallel"]
+            elif 0 < split_min_bytes <= size:
+                out[cfg.name] = list(splitting)
+            else:
+                out[cfg.name] = list(types)
+    return out
+
+
+def column_shard_width(dim: int, world_size: int) -> int:
+    """Column-wise shard width that cuts a `dim`-wide table into (about) one shard per rank: TorchRec's planner
+    otherwise cuts shards of at least 128 columns (MIN_CW_DIM), i.e. ONE shard for D <= 128, so a 100 M x 16 table
+    ends up whole on one rank. The widest multiple of CW_ALIGN that divides dim (TorchRec's rule) with at least
+    world_size shards; dim itself (one shard) when there is none."""
+    width = dim // max(1, world_size) // CW_ALIGN * CW_ALIGN  # the widest that still gives every rank a shard...
+    while width > CW_ALIGN and dim % width:  # ...that divides dim
+        width -= CW_ALIGN
+    return width if width >= CW_ALIGN and dim % width == 0 else dim
 
 
 def plan_sharding(model: nn.Module, device: torch.device, sharding_types: Sequence[str], world_size: int,
                   local_world_size: int, pg: Optional[dist.ProcessGroup] = None,
-                  replicate_max_bytes: int = 0) -> ShardingPlan:
+                  replicate_max_bytes: int = 0, split_min_bytes: int = 0) -> ShardingPlan:
     """Collective plan (identical on every rank) for every EmbeddingBagCollection in `model`."""
+    cfgs = {cfg.name: cfg for ebc in find_ebcs(model).values() for cfg in ebc.embedding_bag_configs()}
     constraints = {
-        name: ParameterConstraints(sharding_types=types)
-        for name, types in table_sharding_types(model, device, sharding_types, replicate_max_bytes).items()
+        name: ParameterConstraints(sharding_types=types,
+                                   min_partition=column_shard_width(cfgs[name].embedding_dim, world_size)
+                                   if 0 < split_min_bytes <= table_bytes(cfgs[name]) else None)
+        for name, types in table_sharding_types(model, device, sharding_types, replicate_max_bytes,
+                                                split_min_bytes).items()
     }
     mem = _memory_per_rank(local_world_size)
     hardware = HardwareConfig(ddr_cap_bytes=mem,
@@ -95,11 +125,12 @@ def plan_sharding(model: nn.Module, device: torch.device, sharding_types: Sequen
 
 
 def shard_model(model: nn.Module, device: torch.device, sharding_types: Sequence[str], world_size: int,
-                local_world_size: int, replicate_max_bytes: int = 0) -> DistributedModelParallel:
+                local_world_size: int, replicate_max_bytes: int = 0,
+                split_min_bytes: int = 0) -> DistributedModelParallel:
     """Plan + DMP. Fused embedding optimizers must already be attached (distributed.optim.apply_sparse_optimizer);
     TorchRec does not fuse them into replicated (data_parallel) tables: see distributed.optim.build_optimizer."""
     plan = plan_sharding(model, device, sharding_types, world_size, local_world_size,
-                         replicate_max_bytes=replicate_max_bytes)
+                         replicate_max_bytes=replicate_max_bytes, split_min_bytes=split_min_bytes)
     if dist.get_rank() == 0:
         log.info("sharding plan:\n%s", plan)
     return DistributedModelParallel(module=model, device=device, plan=plan,

@@ -50,6 +50,10 @@ class TrainConfig:
     # all-reduce and a torch optimizer of the sparse optimizer's kind updates them (distributed/optim.py). With every
     # table replicated there is no all-to-all at all: x1.28 on the default model (docs/performance.md). 0: shard all.
     replicate_max_mb: float = 1.0
+    # Tables of at least this many MiB are cut into one column-wise shard per worker (row-wise on GPU, where the
+    # planner may pick it), so that none is held whole by a single rank: TorchRec would otherwise keep a D <= 128
+    # table in ONE shard, and a 100 M x 16 table would fill one worker while the others stay empty. 0: off.
+    split_min_mb: float = 256.0
     early_stop_metric: str = "final_auc"  # final_auc | sum_auc (validation)
     patience: int = 2  # epochs without improvement before stopping
     log_every: int = 50  # steps between progress lines
