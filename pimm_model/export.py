@@ -327,6 +327,7 @@ def inference_model_from_state(
     num_tasks: int,
     state_dict: Dict[str, Tensor],
     prefix: str = "",
+    share: bool = False,
 ) -> InferenceModel:
     """Rebuilds a trained ``MultiTaskModel`` as an ``InferenceModel``.
 
@@ -337,6 +338,9 @@ def inference_model_from_state(
         state_dict: an unsharded ``MultiTaskModel.state_dict()`` (keys ``embedding.ebc.embedding_bags.t_<field>.
             weight`` and ``head.*``), on any device.
         prefix: prefix in front of those keys, e.g. ``"model."`` for a ``MultiTaskTrain`` state dict.
+        share: use a table tensor itself, not a copy, when it is exactly the table (float32, CPU, the model's D
+            columns, its whole storage): the inference model then shares the trained model's memory, which
+            matters for 100 M-id tables (the copy is 6.4 GB). Default: copies, nothing shared.
     """
     bags: List[nn.EmbeddingBag] = []
     for name, num in fields:
@@ -346,8 +350,11 @@ def inference_model_from_state(
         stored = (num, storage_dim(cfg.embedding_dim))
         if tuple(state_dict[key].shape) != stored:
             raise ValueError(f"{key} has shape {tuple(state_dict[key].shape)}, expected {stored}")
-        # only the first D columns are the model's (see embedding.STORAGE_ALIGN); clone: no storage shared
-        weight = state_dict[key].detach()[:, : cfg.embedding_dim].to(device="cpu", dtype=torch.float32).clone()
+        # only the first D columns are the model's (see embedding.STORAGE_ALIGN)
+        weight = state_dict[key].detach()[:, : cfg.embedding_dim].to(device="cpu", dtype=torch.float32)
+        whole = weight.is_contiguous() and weight.untyped_storage().nbytes() == weight.numel() * weight.element_size()
+        if not (share and whole):  # a copy unless asked to share, and always for a view of a wider storage
+            weight = weight.clone()
         bags.append(nn.EmbeddingBag.from_pretrained(weight, freeze=True, mode="sum"))
     head = build_head(cfg, len(fields) * cfg.embedding_dim, num_tasks)
     head_prefix = f"{prefix}head."

@@ -75,6 +75,24 @@ def test_state_dict_prefix_and_errors():
         inference_model_from_state(CFG, [("user", 12)] + FIELDS[1:], NUM_TASKS, model.state_dict())
 
 
+@pytest.mark.parametrize("dim", [4, 6])  # 6 is stored 8 wide (embedding.STORAGE_ALIGN): a view, always copied
+def test_share_uses_the_trained_tables_memory_only_when_they_are_exactly_the_table(dim):
+    torch.manual_seed(0)
+    cfg = ModelConfig(embedding_dim=dim, tower_dims=[16, 8])
+    model = build_model(cfg, FIELDS, NUM_TASKS, torch.device("cpu")).eval()
+    state = model.state_dict()
+    table = state["embedding.ebc.embedding_bags.t_user.weight"]
+    shared = inference_model_from_state(cfg, FIELDS, NUM_TASKS, state, share=True)
+    copied = inference_model_from_state(cfg, FIELDS, NUM_TASKS, state)
+    ptr = table.untyped_storage().data_ptr()
+    assert (shared.bags[0].weight.untyped_storage().data_ptr() == ptr) == (dim == 4)
+    assert copied.bags[0].weight.untyped_storage().data_ptr() != ptr
+    ids = _ids(20)
+    with torch.no_grad():
+        torch.testing.assert_close(shared(ids), copied(ids), rtol=0, atol=0)
+        torch.testing.assert_close(shared(ids), torch.sigmoid(model(_kjt_from_ids(ids))), rtol=0, atol=1e-6)
+
+
 def test_multi_valued_jagged_matches_torchrec():
     model = _trained_model()
     inf = torch.jit.script(inference_model_from_state(CFG, FIELDS, NUM_TASKS, model.state_dict()))
