@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     C.add_trainer_args(ap, epochs=2)
     ap.add_argument("--batch-size", type=int, default=None, help="per-worker batch (default: the config's)")
     ap.add_argument("--reps", type=int, default=1, help="interleaved repetitions (default 1)")
+    ap.add_argument("--keep-run", action="store_true",
+                    help="keep the last run folder of the biggest table (for benchmarks/export_memory.py)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
@@ -100,8 +102,12 @@ def main(argv=None) -> int:
     runs = {n: [] for n in sizes}
     for rep in range(args.reps):
         for n in sizes:
+            keep = args.keep_run and n == sizes[-1] and rep == args.reps - 1
             r = C.run_trainer(data[n], C.trainer_overrides(bs, args.workers, args.epochs,
-                                                           [f"model.embedding_dim={args.dim}", *args.trainer_arg]))
+                                                           [f"model.embedding_dim={args.dim}", *args.trainer_arg]),
+                              keep_dir=keep)
+            if keep:
+                print(f"# kept the run folder {r['run_dir']}", flush=True)
             runs[n].append(r)
             print(f"# rep {rep + 1}/{args.reps} {n:,} ids: {r['samples_per_s']:,.0f} samples/s, workers "
                   f"{r['worker_peak_rss_mb']} MB, driver {r['driver_peak_rss_mb']} MB, run folder {r['run_dir_mb']} "
@@ -122,7 +128,7 @@ def main(argv=None) -> int:
     C.print_table(rows, title=f"big table: field {args.field!r} with N ids, D={args.dim}, sharded over "
                               f"{args.workers} workers")
     results = {"runs": {str(n): runs[n] for n in sizes}, "bytes_per_id": bytes_per_id}
-    if len(sizes) == 2:
+    if len(sizes) == 2 and sizes[1] < 100_000_000:  # at 100 M the table was measured: nothing to project
         lo, hi = sizes
         proj = {}
         for key, get in (("worker_max_mb", lambda r: max(r["worker_peak_rss_mb"])),
