@@ -436,9 +436,9 @@ def prebuilt_batches(spec, batch_size: int, steps: int, seed: int = 0) -> list:
 
 ROOFLINE_KINDS = {
     "fused": "EBC replaced by torchrec FusedEmbeddingBagCollection with fbgemm EXACT_ROWWISE_ADAGRAD "
-             "(the trainer's own CPU kernel, update inside backward) + torch.optim.Adam on the dense layers",
-    "ebc_adagrad": "build_model's plain torchrec EmbeddingBagCollection (dense gradients) + torch.optim.Adagrad on "
-                   "the tables + torch.optim.Adam on the dense layers",
+             "(the trainer's own CPU kernel, update inside backward) + torch.optim.Adam(fused) on the dense layers",
+    "ebc_adagrad": "build_model's plain torchrec EmbeddingBagCollection (dense gradients) + torch.optim.Adagrad "
+                   "(fused) on the tables + torch.optim.Adam(fused) on the dense layers",
 }
 
 
@@ -449,6 +449,7 @@ def build_single_process(model_cfg, spec, kind: str, lr: float = 1e-3, sparse_lr
     default sparse optimizer of that device: row-wise Adagrad on CPU, Adam on a GPU."""
     import torch
 
+    from distributed.optim import fused_kwargs  # the trainer's optimizer kernels (fused where torch has them)
     from pimm_model.model import MultiTaskTrain, build_model
 
     device = torch.device(device or "cpu")
@@ -465,11 +466,12 @@ def build_single_process(model_cfg, spec, kind: str, lr: float = 1e-3, sparse_lr
         emb.ebc = FusedEmbeddingBagCollection(emb.ebc.embedding_bag_configs(), sparse_cls, {"lr": sparse_lr},
                                               device=device)
         dense = [p for n, p in module.named_parameters() if ".ebc." not in n]
-        return module, [torch.optim.Adam(dense, lr=lr)]
+        return module, [torch.optim.Adam(dense, lr=lr, **fused_kwargs(dense))]
     if kind == "ebc_adagrad":
         dense = [p for n, p in module.named_parameters() if ".ebc." not in n]
         tables = [p for n, p in module.named_parameters() if ".ebc." in n]
-        return module, [torch.optim.Adam(dense, lr=lr), torch.optim.Adagrad(tables, lr=sparse_lr)]
+        return module, [torch.optim.Adam(dense, lr=lr, **fused_kwargs(dense)),
+                        torch.optim.Adagrad(tables, lr=sparse_lr, **fused_kwargs(tables))]
     raise ValueError(f"unknown single-process model kind {kind!r}; one of {sorted(ROOFLINE_KINDS)}")
 
 

@@ -11,9 +11,9 @@ loading in the timed loop, no process group, no sharding, torch.set_num_threads(
 Single-process variants:
 
   fused        EBC -> torchrec FusedEmbeddingBagCollection, fbgemm EXACT_ROWWISE_ADAGRAD (the trainer's CPU kernel,
-               rows updated inside backward) + torch.optim.Adam (dense)
-  ebc_adagrad  build_model's torchrec EmbeddingBagCollection (dense table gradients) + torch.optim.Adagrad (tables) +
-               torch.optim.Adam (dense)
+               rows updated inside backward) + torch.optim.Adam (dense, fused)
+  ebc_adagrad  build_model's torchrec EmbeddingBagCollection (dense table gradients) + torch.optim.Adagrad
+               (tables, fused) + torch.optim.Adam (dense, fused)
 
 at batch = the trainer's GLOBAL batch (workers x per-worker batch: the rows one optimizer step of the trainer
 consumes, so the same optimisation) and at the per-worker batch, with --threads threads; the roofline is the fastest

@@ -48,7 +48,9 @@ def _worker(rank, world, port, out):
         opt.step()
         after = dmp.state_dict()[replicated].clone()
         torch.save({"plan": describe_plan(dmp), "before": before, "after": after,
-                    "groups": sorted({k.split(".")[0] for k in opt.state_dict()["state"]})}, out.format(rank))
+                    "groups": sorted({k.split(".")[0] for k in opt.state_dict()["state"]}),
+                    "fused": [g.get("fused") for name, o in opt.optimizers if name != "sparse"
+                              for g in o.param_groups]}, out.format(rank))
     finally:
         dist.destroy_process_group()
 
@@ -67,6 +69,7 @@ def test_small_tables_are_replicated_and_follow_the_sparse_rule(tmp_path):
     assert r0["plan"]["t_small"] == r0["plan"]["t_tiny"] == "data_parallel@[0, 1]"
     assert not r0["plan"]["t_large"].startswith("data_parallel")
     assert "replicated" in r0["groups"]
+    assert r0["fused"] == [True, True]  # dense Adam and the replicated tables' Adagrad: torch's fused CPU kernels
     # identical on both ranks after the step (DDP averaged the gradient), and exactly Adagrad's first step with the
     # sparse lr: every touched row by lr * sign(grad), every other row unchanged
     torch.testing.assert_close(r0["after"], r1["after"], rtol=0, atol=0)
