@@ -2,10 +2,11 @@
 the peak RSS of each phase (the kernel's VmHWM, reset between phases through /proc/self/clear_refs, so a spike inside
 a C call that holds the GIL is counted too; a sampling thread would miss it) and its seconds.
 
-    python benchmarks/export_memory.py RUN_DIR [--parity-rows 20000] [--json out.json]
+    python benchmarks/export_memory.py RUN_DIR [--parity-rows 20000] [--no-program] [--json out.json]
 
 RUN_DIR: a run folder of `launch/train.py` (e.g. one kept from `benchmarks/big_tables.py --keep-run`). The export
-rewrites RUN_DIR's model.pt / model.pt2 / model.json (the same files: same checkpoint, same code). Linux only.
+rewrites RUN_DIR's model.pt / model.pt2 / model.json (the same files: same checkpoint, same code; with --no-program
+model.pt2 is removed). Linux only.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir")
     ap.add_argument("--parity-rows", type=int, default=20_000, help="test rows of the parity check (default 20k)")
+    ap.add_argument("--no-program", action="store_true", help="export model.pt only (run.export_program=false)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
     base = _status_mb("VmRSS")
     t0 = time.perf_counter()
     try:
-        card = E.export_run(args.run_dir, parity_rows=args.parity_rows, progress=False)
+        card = E.export_run(args.run_dir, parity_rows=args.parity_rows, progress=False, program=not args.no_program)
     finally:
         for owner, name, fn in originals:
             setattr(owner, name, fn)

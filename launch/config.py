@@ -71,6 +71,10 @@ class RunConfig:
     # test rows on which the exported artifact must equal the trained model (<= 1e-6) before it is written; 0 = the
     # whole test split (minutes per million rows on CPU: bounded by default so huge test sets do not stall a run)
     export_parity_rows: int = 200_000
+    # also write model.pt2 (torch.export). torch.export.save holds two extra copies of every table while it writes:
+    # the export then needs ~3x the tables' size in driver memory, ~2x without it (a 100 M x 16 table: 18.8 GB vs
+    # ~12.9 GB, docs/performance.md). Turn off for tables near the driver's memory; model.pt is always written.
+    export_program: bool = True
 
 
 @dataclass

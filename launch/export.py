@@ -1,13 +1,13 @@
 """Export a finished run: the best checkpoint (sharded, DCP) -> the serving artifact beside it.
 
-    python launch/export.py RUN_DIR [--checkpoint epoch_002] [--parity-rows N]
+    python launch/export.py RUN_DIR [--checkpoint epoch_002] [--parity-rows N] [--no-program]
 
 Writes, into RUN_DIR (each file to a temporary name first, moved into place only once every check passed):
 
 - ``model.pt``   TorchScript ``ServingModel`` (pimm_model/export.py): RAW feature values in, the vocabulary / hashing
   of data preparation applied inside, ``{task: probability}`` out. Loads with ``torch.jit.load`` or libtorch alone.
 - ``model.pt2``  the same model as a ``torch.export`` program (``torch.export.load(...).module()``), on the dense
-  (B, F) raw entry.
+  (B, F) raw entry (not with ``--no-program`` / ``run.export_program=false``).
 - ``model.json`` the card: format version, tasks in chain order, fields in input order with their value types and
   encodings, the input contract, training config and metrics, sha256 of both files, the torch version, parity.
 
@@ -60,6 +60,11 @@ MODEL_FILE = "model.pt"
 PROGRAM_FILE = "model.pt2"
 MODEL_CARD = "model.json"
 ARTIFACT_FILES = (MODEL_FILE, PROGRAM_FILE, MODEL_CARD)  # what a run folder ships (the card last)
+
+
+def artifact_files(program: bool = True) -> Tuple[str, ...]:
+    """The files an export writes, the card last; without ``program`` no model.pt2."""
+    return ARTIFACT_FILES if program else tuple(n for n in ARTIFACT_FILES if n != PROGRAM_FILE)
 CARD_VERSION = 2
 EXPORT_TOLERANCE = 1e-6
 PARITY_BATCH = 8192
@@ -199,7 +204,7 @@ def field_contracts(spec: DatasetSpec) -> Tuple[List[FieldContract], Dict[str, A
 
 
 def export_run(run_dir: str, checkpoint: Optional[str] = None, parity_rows: Optional[int] = None,
-               progress: bool = True) -> Dict[str, Any]:
+               progress: bool = True, program: bool = True) -> Dict[str, Any]:
     """Exports RUN_DIR's best (or the named) checkpoint; returns the card written to model.json.
 
     Args:
@@ -207,6 +212,9 @@ def export_run(run_dir: str, checkpoint: Optional[str] = None, parity_rows: Opti
         checkpoint: a checkpoint folder name inside ``run_dir`` instead of the best epoch (no reference batch check).
         parity_rows: check only the first N test rows (default: the whole test split).
         progress: show a progress bar for the test-split check.
+        program: also write model.pt2. torch.export.save holds two extra copies of every table while it writes
+            (3x the tables in all, vs 2x without it: docs/performance.md, benchmark 5); without it an older
+            model.pt2 in ``run_dir`` is removed, so that nothing stale sits beside the card.
     """
     with open(os.path.join(run_dir, "config.yaml")) as f:
         cfg = config_from_dict(yaml.safe_load(f))
@@ -232,28 +240,33 @@ def export_run(run_dir: str, checkpoint: Optional[str] = None, parity_rows: Opti
     core = inference_model_from_state(cfg.model, fields, len(spec.labels), eager.state_dict(), share=True)
     serving = ServingModel(core, [c.encoder for c in contracts], spec.labels)
 
-    paths = {name: os.path.join(run_dir, name) for name in ARTIFACT_FILES}
-    tmp = {name: os.path.join(run_dir, _tmp_name(name)) for name in ARTIFACT_FILES}
+    names = artifact_files(program)
+    paths = {name: os.path.join(run_dir, name) for name in names}
+    tmp = {name: os.path.join(run_dir, _tmp_name(name)) for name in names}
     try:
         export_torchscript(serving, tmp[MODEL_FILE])
-        export_program(serving, tmp[PROGRAM_FILE])
+        if program:
+            export_program(serving, tmp[PROGRAM_FILE])
         del serving, core
         scripted = torch.jit.load(tmp[MODEL_FILE])
         reference = os.path.join(run_dir, EXPORT_REFERENCE_FILE)
         diff = _check_against_reference(scripted, reference) if checkpoint is None else None
         parity = whole_split_parity(eager, scripted, None, contracts, spec, max_rows=parity_rows, progress=progress)
         del scripted
-        program = torch.export.load(tmp[PROGRAM_FILE]).module()
-        of_program = whole_split_parity(eager, None, program, contracts, spec, max_rows=parity_rows,
-                                        progress=progress)
-        del program
-        parity["max_abs_diff"].update(of_program["max_abs_diff"])
-        parity["rows_torch_export"] = of_program["rows_torch_export"]
+        if program:
+            loaded = torch.export.load(tmp[PROGRAM_FILE]).module()
+            of_program = whole_split_parity(eager, None, loaded, contracts, spec, max_rows=parity_rows,
+                                            progress=progress)
+            del loaded
+            parity["max_abs_diff"].update(of_program["max_abs_diff"])
+            parity["rows_torch_export"] = of_program["rows_torch_export"]
         card = _card(cfg, metrics, spec, contracts, string_key, ckpt, diff, parity,
-                     {name: tmp[name] for name in (MODEL_FILE, PROGRAM_FILE)})
+                     {name: tmp[name] for name in names if name != MODEL_CARD})
         with open(tmp[MODEL_CARD], "w") as f:
             json.dump(card, f, indent=1)
-        for name in ARTIFACT_FILES:  # the card last: a model.json always describes the files beside it
+        for name in names:  # the card last: a model.json always describes the files beside it
+            if name == MODEL_CARD and not program and os.path.exists(os.path.join(run_dir, PROGRAM_FILE)):
+                os.remove(os.path.join(run_dir, PROGRAM_FILE))  # an older export's: not described by this card
             os.replace(tmp[name], paths[name])
     finally:
         for p in tmp.values():
@@ -306,8 +319,8 @@ def _card(cfg, metrics, spec: DatasetSpec, contracts: List[FieldContract], strin
             "missing": "a missing value maps as data preparation mapped it: the vocabulary's null_index (its own "
                        "index when frequent in train, else 0); hashed and identity fields: 0; a missing bag is an "
                        "empty bag (pools to zero)",
-            "model.pt2": "torch.export.load(path).module()(raw, missing): both (B, F) tensors required, B >= 1; "
-                         "the jagged entries exist in model.pt only",
+            **({PROGRAM_FILE: "torch.export.load(path).module()(raw, missing): both (B, F) tensors required, "
+                              "B >= 1; the jagged entries exist in model.pt only"} if PROGRAM_FILE in files else {}),
             "all_fields_single_valued": dense,
         },
         "outputs": {"type": "Dict[str, Tensor]", "keys": tasks,
@@ -315,7 +328,8 @@ def _card(cfg, metrics, spec: DatasetSpec, contracts: List[FieldContract], strin
         "files": {name: {"sha256": _sha256(path), "bytes": os.path.getsize(path)} for name, path in files.items()},
         "torch": {"exported_with": torch.__version__,
                   MODEL_FILE: f"torch.jit.load / libtorch torch::jit::load, torch >= {major_minor}",
-                  PROGRAM_FILE: f"torch.export.load, torch {major_minor}.x (the program format is versioned)"},
+                  **({PROGRAM_FILE: f"torch.export.load, torch {major_minor}.x (the program format is versioned)"}
+                     if PROGRAM_FILE in files else {})},
         "training": {
             "config": to_dict(cfg),
             "metrics": {"test": metrics.get("test"), "best_epoch": best, "valid_best_epoch": best_valid,
@@ -438,8 +452,10 @@ def main(argv=None) -> int:
     ap.add_argument("run_dir")
     ap.add_argument("--checkpoint", help="checkpoint folder name inside RUN_DIR (default: the best epoch)")
     ap.add_argument("--parity-rows", type=int, help="check the export on the first N test rows only (default: all)")
+    ap.add_argument("--no-program", action="store_true",
+                    help="write model.pt only, no model.pt2 (its writer needs 3x the tables' memory; model.pt 2x)")
     args = ap.parse_args(argv)
-    card = export_run(args.run_dir, args.checkpoint, args.parity_rows)
+    card = export_run(args.run_dir, args.checkpoint, args.parity_rows, program=not args.no_program)
     print(json.dumps({k: card[k] for k in ("model", "tasks", "checkpoint", "export_max_abs_diff", "parity")},
                      indent=1))
     return 0

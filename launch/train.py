@@ -131,16 +131,16 @@ def main(argv=None) -> int:
         print(f"[pimm] checkpoints kept in {store}; continue with --resume {store}", file=sys.stderr, flush=True)
         return 1
 
-    from launch.export import ARTIFACT_FILES, export_run
+    from launch.export import artifact_files, export_run
     from launch.worker import EXPORT_REFERENCE_FILE, METRICS_FILE
 
     if store != run_dir:  # rank 0 wrote its records to the storage; keep a copy in the local run folder
         for name in (METRICS_FILE, EXPORT_REFERENCE_FILE):
             with open(os.path.join(run_dir, name), "wb") as f:
                 f.write(storage.read_bytes(storage.join(store, name)))
-    card = export_run(run_dir, parity_rows=cfg.run.export_parity_rows or None)
+    card = export_run(run_dir, parity_rows=cfg.run.export_parity_rows or None, program=cfg.run.export_program)
     if store != run_dir:
-        for name in (*ARTIFACT_FILES, "config.yaml"):
+        for name in (*artifact_files(cfg.run.export_program), "config.yaml"):
             storage.upload_file(os.path.join(run_dir, name), storage.join(store, name))
     print(f"[pimm] exported {os.path.join(run_dir, 'model.pt')} (max abs diff vs trained model "
           f"{card['export_max_abs_diff']:.2e})", flush=True)

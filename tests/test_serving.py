@@ -115,3 +115,24 @@ def test_a_wrong_model_is_refused_and_nothing_is_replaced(exported, tmp_path):
         export_run(bad, progress=False)
     assert {n: open(os.path.join(bad, n), "rb").read() for n in ARTIFACT_FILES} == before
     assert not [f for f in os.listdir(bad) if ".tmp-" in f]
+
+
+def test_export_without_the_program_writes_model_pt_only(exported, tmp_path):
+    """run.export_program=false / --no-program: model.pt and a card describing it alone; the model.pt2 an earlier
+    export left in the folder is removed, not left beside a card that does not describe it."""
+    _, run_dir, card = exported
+    run = str(tmp_path / "run")
+    shutil.copytree(run_dir, run)
+    assert os.path.exists(os.path.join(run, "model.pt2"))
+    lean = export_run(run, progress=False, program=False)
+    assert sorted(os.listdir(run)) == sorted(set(os.listdir(run_dir)) - {"model.pt2"})
+    assert lean == json.load(open(os.path.join(run, "model.json")))
+    assert set(lean["files"]) == {"model.pt"} and "model.pt2" not in lean["inputs"] and "model.pt2" not in lean["torch"]
+    assert set(lean["parity"]["max_abs_diff"]) == {"torchscript_raw", "torchscript_indices"}
+    assert lean["parity"]["rows"] == card["parity"]["rows"] and "rows_torch_export" not in lean["parity"]
+    ref = torch.load(os.path.join(run, "export_reference.pt"), weights_only=True)
+    full, only = (torch.jit.load(os.path.join(d, "model.pt")) for d in (run_dir, run))
+    with torch.no_grad():
+        torch.testing.assert_close(only.forward_jagged(ref["values"], ref["lengths"], ref.get("weights")),
+                                   full.forward_jagged(ref["values"], ref["lengths"], ref.get("weights")),
+                                   rtol=0, atol=0)
