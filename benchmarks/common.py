@@ -392,7 +392,7 @@ def run_trainer(data_path: str, overrides: Sequence[str], timeout: float = 3600,
         "run_dir_mb": dir_mb(run_dir),
         "sharding_plan": metrics.get("sharding_plan"),
         "world_size": metrics.get("world_size"),
-        "peak_rss_mb_from_metrics": metrics.get("peak_rss_mb"),  # if the trainer records it itself one day
+        "peak_rss_mb_from_metrics": metrics.get("peak_rss_mb"),  # each rank's ru_maxrss, recorded by the trainer
     }
     if keep_dir:
         out["run_dir"] = run_dir

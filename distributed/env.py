@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,11 @@ def current_env(use_gpu: bool) -> WorkerEnv:
     world = dist.get_world_size() if dist.is_initialized() else 1
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     return WorkerEnv(rank, world, local_rank, device_for(local_rank, use_gpu), backend_for(use_gpu))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MiB (the kernel's high-water mark: ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def set_intra_op_threads(n: int) -> None:

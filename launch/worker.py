@@ -44,7 +44,7 @@ from distributed.collectives import (
     gather_floats,
     gather_objects,
 )
-from distributed.env import current_env, set_intra_op_threads
+from distributed.env import current_env, peak_rss_mb, set_intra_op_threads
 from distributed.optim import apply_sparse_optimizer, build_optimizer, resolve_sparse_optimizer
 from distributed.sharding import describe_plan, shard_model
 from launch.config import Config, config_from_dict, to_dict
@@ -168,15 +168,17 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             if improved:
                 state["best_epoch"], state["best_score"] = epoch, score
                 state["best_dir"] = storage.join(store, checkpoint_name(epoch))
+            rss = gather_floats(peak_rss_mb())  # every rank's peak so far: memory per worker, in W&B and metrics
             record = {"epoch": epoch, "p": p, "p_received_by_rank": received, "p_end": train_module.p,
                       "train_loss": train_loss, "samples_per_s": samples_per_s, "epoch_seconds": seconds,
-                      "valid": val, "valid_score": score}
+                      "valid": val, "valid_score": score, "peak_rss_mb_by_rank": rss}
             state["history"].append(record)
             state["epoch"] = epoch
             _say(zero, f"epoch {epoch + 1}/{cfg.train.epochs} p={p:.4f} loss={sum(train_loss.values()):.4f} "
                        f"{samples_per_s:,.0f} samples/s valid AUC "
                        + " ".join(f"{t}={val['auc'][t]:.4f}" for t in tasks) + (" (best)" if improved else ""))
             tracker.log({"epoch": epoch, "p": p, "samples_per_s": samples_per_s, "valid/score": score,
+                         "peak_rss_mb_max_rank": max(rss),
                          **{f"train/loss_{t}": v for t, v in train_loss.items()},
                          **{f"valid/auc_{t}": v for t, v in val["auc"].items()},
                          **{f"valid/logloss_{t}": v for t, v in val["logloss"].items()}}, step=epoch)
@@ -204,6 +206,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         _say(zero, f"test AUC (best epoch {state['best_epoch'] + 1}) "
                    + " ".join(f"{t}={test['auc'][t]:.4f}" for t in tasks))
         placement = gather_objects(_placement(env.rank))
+        rss = gather_floats(peak_rss_mb())
         if zero:
             buf = io.BytesIO()
             torch.save(reference, buf)
@@ -212,7 +215,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
                        "restarts": state.get("restarts", 0), "resumed_from": cfg.resume,
                        "early_stop_metric": cfg.train.early_stop_metric, "epochs": state["history"],
                        "test": test, "world_size": env.world_size, "sparse_optimizer": sparse_opt,
-                       "sharding_plan": describe_plan(dmp), "workers": placement, "storage": store}
+                       "sharding_plan": describe_plan(dmp), "workers": placement, "storage": store,
+                       "peak_rss_mb": rss}
             storage.write_bytes(storage.join(store, METRICS_FILE), json.dumps(metrics, indent=1).encode())
             tracker.summary({f"test/auc_{t}": v for t, v in test["auc"].items()})
         ray.train.report({"done": 1, "best_epoch": state["best_epoch"],

@@ -23,6 +23,11 @@ def test_loss_falls_and_every_task_learns(trained_run):
     for task, auc in metrics["test"]["auc"].items():
         assert auc > 0.6, (task, metrics["test"]["auc"])
     assert metrics["test"]["rows"]["count"] == 6000  # the whole test split, across both workers, padding excluded
+    # each worker's peak memory, by rank: a real process's (the model, Ray, the reader: well above 100 MiB), never
+    # decreasing from epoch to epoch, the last at most the final figure
+    rss = [e["peak_rss_mb_by_rank"] for e in metrics["epochs"]] + [metrics["peak_rss_mb"]]
+    assert all(len(r) == 2 and min(r) > 100 for r in rss), rss
+    assert all(a <= b for prev, cur in zip(rss, rss[1:]) for a, b in zip(prev, cur)), rss
     plan = metrics["sharding_plan"]  # the 400-id table sharded, the small ones replicated (train.replicate_max_mb)
     assert not plan["t_customer"].startswith("data_parallel") and plan["t_fund"] == "data_parallel@[0, 1]"
 
