@@ -2,7 +2,6 @@
 counterpart with its own lr, identically on every rank; large tables are sharded with the fused in-backward update."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 
 from distributed.optim import apply_sparse_optimizer, build_optimizer
 from distributed.sharding import describe_plan, shard_model, table_sharding_types
+from tests.ray_cluster import free_port
 
 SIZES = {"small": 50, "large": 5000, "tiny": 6}
 SPARSE_LR, DENSE_LR = 0.1, 0.01
@@ -55,15 +55,9 @@ def _worker(rank, world, port, out):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_small_tables_are_replicated_and_follow_the_sparse_rule(tmp_path):
     out = str(tmp_path / "rank{}.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2)
+    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2)
     r0, r1 = (torch.load(out.format(r), weights_only=False) for r in range(2))
     assert r0["plan"] == r1["plan"]
     assert r0["plan"]["t_small"] == r0["plan"]["t_tiny"] == "data_parallel@[0, 1]"

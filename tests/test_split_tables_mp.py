@@ -3,7 +3,6 @@ alone keeps a D <= 128 table in one shard, whole on one rank), trains with the f
 DCP checkpoint reassembles into the unsharded table that gives the sharded model's outputs."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from distributed.checkpoint import load_unsharded, save_checkpoint
 from distributed.optim import apply_sparse_optimizer, build_optimizer
 from distributed.sharding import column_shard_width, describe_plan, shard_model, table_sharding_types
+from tests.ray_cluster import free_port
 
 ROWS = {"big": 3000, "mid": 2000, "small": 10}  # x D=8 floats: 96 kB, 64 kB, 320 B
 DIM = 8
@@ -65,15 +65,9 @@ def _worker(rank, world, port, ckpt, out):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_big_table_is_split_over_both_ranks_and_round_trips(tmp_path):
     ckpt, out = str(tmp_path / "epoch_000"), str(tmp_path / "rank{}.pt")
-    mp.spawn(_worker, args=(2, _free_port(), ckpt, out), nprocs=2)
+    mp.spawn(_worker, args=(2, free_port(), ckpt, out), nprocs=2)
     r = [torch.load(out.format(k), weights_only=False) for k in range(2)]
     assert r[0]["plan"] == r[1]["plan"]
     assert r[0]["plan"]["t_big"] == "column_wise@[0, 1]"
