@@ -80,6 +80,26 @@ def reader_pass(spec, files, batch_size: int, shuffle: bool, epoch: int, reader=
     return n
 
 
+def _profile(one_pass, passes: int, top: int = 8) -> list:
+    """cProfile of `passes` calls of one_pass(epoch); prints and returns the top functions by own time, with their
+    share of the profiled total."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for ep in range(passes):
+        one_pass(100 + ep)
+    prof.disable()
+    stats = pstats.Stats(prof)
+    total = stats.total_tt
+    rows = sorted(({"function": f"{os.path.basename(fn)}:{line}({name})", "calls": nc, "own s": tt,
+                    "share": tt / total} for (fn, line, name), (_, nc, tt, _, _) in stats.stats.items()),
+                  key=lambda r: -r["own s"])[:top]
+    C.print_table(rows, title=f"reader_train: cProfile of {passes} passes, {total:.3f} s in all, by own time")
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_data_args(ap, rows=200_000)
@@ -95,6 +115,8 @@ def main(argv=None) -> int:
                     help="the trainer's training samples/s PER WORKER, for the 10x target")
     ap.add_argument("--trainer-json", default=None,
                     help="benchmark 1's --json output: its trainer samples/s per worker is used for the 10x target")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the table: cProfile of --passes reader_train passes, by own time (where it goes)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
@@ -171,6 +193,8 @@ def main(argv=None) -> int:
         print(f"reader_train / trainer consumption per worker ({consume:,.0f} samples/s) = {r:.1f}x; target >= "
               f"{TARGET_CONSUME:.0f}x: " + ("MET" if r >= TARGET_CONSUME else f"MISSED ({r / TARGET_CONSUME:.0%})"))
         results["verdicts"]["consume"] = {"ratio": r, "target": TARGET_CONSUME, "met": r >= TARGET_CONSUME}
+    if args.profile:
+        results["profile"] = _profile(lambda ep: reader_pass(spec, files, bs, True, ep, kept[True]), args.passes)
     load = C.print_load_end(env)
     C.write_json(args.json, "input_pipeline", args, env, load, results)
     return 0
