@@ -83,9 +83,9 @@ def main(argv=None) -> int:
             raise RuntimeError("no worker reached its training loop (trainer failed or too slow)")
         print(f"# recording worker pid {worker} for {args.seconds:.0f} s", flush=True)
         rec = [pyspy, "record", "--pid", str(worker), "--duration", str(int(args.seconds)), "--rate", str(args.rate),
-               "--format", "raw", "--idle", "--threads", "--nonblocking", "--output", raw]
-        if args.native:
-            rec.append("--native")
+               "--format", "raw", "--idle", "--threads", "--output", raw]
+        # py-spy refuses --native with --nonblocking (native unwinding needs the process paused)
+        rec.append("--native" if args.native else "--nonblocking")
         subprocess.run(rec, capture_output=True, text=True, check=True)
     finally:
         proc.terminate()
