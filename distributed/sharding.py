@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.model_parallel import DefaultDataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.types import HardwareConfig, KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingPlan
@@ -126,15 +126,18 @@ def plan_sharding(model: nn.Module, device: torch.device, sharding_types: Sequen
 
 def shard_model(model: nn.Module, device: torch.device, sharding_types: Sequence[str], world_size: int,
                 local_world_size: int, replicate_max_bytes: int = 0,
-                split_min_bytes: int = 0) -> DistributedModelParallel:
+                split_min_bytes: int = 0, ddp_bucket_mb: float = 25.0) -> DistributedModelParallel:
     """Plan + DMP. Fused embedding optimizers must already be attached (distributed.optim.apply_sparse_optimizer);
-    TorchRec does not fuse them into replicated (data_parallel) tables: see distributed.optim.build_optimizer."""
+    TorchRec does not fuse them into replicated (data_parallel) tables: see distributed.optim.build_optimizer.
+    `ddp_bucket_mb`: DDP's gradient bucket size for the replicated part (TorchRec's default 25 MiB puts a small
+    model's gradients in ONE bucket, all-reduced only once the whole backward is done)."""
     plan = plan_sharding(model, device, sharding_types, world_size, local_world_size,
                          replicate_max_bytes=replicate_max_bytes, split_min_bytes=split_min_bytes)
     if dist.get_rank() == 0:
         log.info("sharding plan:\n%s", plan)
     return DistributedModelParallel(module=model, device=device, plan=plan,
-                                    sharders=[EmbeddingBagCollectionSharder()])
+                                    sharders=[EmbeddingBagCollectionSharder()],
+                                    data_parallel_wrapper=DefaultDataParallelWrapper(bucket_cap_mb=ddp_bucket_mb))
 
 
 def describe_plan(dmp: DistributedModelParallel) -> Dict[str, str]:

@@ -54,6 +54,7 @@ class TrainConfig:
     # planner may pick it), so that none is held whole by a single rank: TorchRec would otherwise keep a D <= 128
     # table in ONE shard, and a 100 M x 16 table would fill one worker while the others stay empty. 0: off.
     split_min_mb: float = 256.0
+    ddp_bucket_mb: float = 25.0  # DDP gradient bucket (TorchRec's default); smaller buckets start all-reducing sooner
     early_stop_metric: str = "final_auc"  # final_auc | sum_auc (validation)
     patience: int = 2  # epochs without improvement before stopping
     log_every: int = 50  # steps between progress lines

@@ -107,7 +107,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
     dmp = shard_model(model, env.device, cfg.train.sharding_types, env.world_size, local_world,
                       replicate_max_bytes=int(cfg.train.replicate_max_mb * 2**20),
-                      split_min_bytes=int(cfg.train.split_min_mb * 2**20))
+                      split_min_bytes=int(cfg.train.split_min_mb * 2**20), ddp_bucket_mb=cfg.train.ddp_bucket_mb)
     optimizer = build_optimizer(dmp, cfg.train.lr, cfg.train.weight_decay, sparse_opt, sparse_kwargs)
     train_module: MultiTaskTrain = dmp.module  # the unwrapped train wrapper: where p is set
     if os.environ.get("PYTHONHASHSEED") is None:
