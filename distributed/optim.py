@@ -61,7 +61,7 @@ FUSED_DEVICES = ("cpu", "cuda")  # where torch ships fused Adam / Adagrad / SGD 
 def fused_kwargs(params) -> Dict[str, Any]:
     """{"fused": True} when torch has a fused (one kernel for all tensors) update for these parameters: on CPU torch
     otherwise runs a Python loop over the tensors (foreach is CUDA-only by default). Dense Adam on the default model:
-    1,043 -> 215 us a step, 1 thread (docs/performance.md)."""
+    1,019 -> 205 us a step, 1 thread (benchmarks/optimizer_step.py)."""
     params = list(params)
     ok = params and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
     return {"fused": True} if ok else {}
