@@ -24,6 +24,7 @@ IMPLEMENTATIONS = {"default (for-loop on CPU)": {}, "foreach": {"foreach": True}
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_data_args(ap, rows=200_000)  # the data set only sets the tables' sizes (the default synthetic one)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, as a worker)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--steps", type=int, default=100)
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     cfg = C.default_config()
-    spec = DatasetSpec.load(C.bench_data(200_000, 20_000, 20_000, None))
+    spec = DatasetSpec.load(C.data_from_args(args))
     model = build_model(cfg.model, C.spec_fields(spec), len(spec.labels), embedding_device=torch.device("cpu"))
     groups = {"Adam, dense layers": (torch.optim.Adam, {"lr": cfg.train.lr},
                                      [p for n, p in model.named_parameters() if "embedding_bags" not in n]),

@@ -29,7 +29,8 @@ def _run(script, args, tmp_path, cache):
 
 
 def test_input_pipeline(tmp_path, cache):
-    out, res = _run("input_pipeline.py", ["--reps", "1", "--passes", "1", "--trainer-rate", "1000"], tmp_path, cache)
+    out, res = _run("input_pipeline.py", ["--reps", "1", "--passes", "1", "--trainer-rate", "1000", "--profile"],
+                    tmp_path, cache)
     assert set(res["medians"]) == {"raw_dataset", "raw_iter", "raw_row_groups", "reader_train", "reader_first",
                                    "reader_noshuffle"}
     assert all(v > 0 for v in res["medians"].values())
@@ -37,6 +38,20 @@ def test_input_pipeline(tmp_path, cache):
     assert res["limit"] == max((v for v in res["medians"] if v.startswith("raw")), key=res["medians"].get)
     assert {"raw", "consume"} <= set(res["verdicts"]) and res["verdicts"]["raw"]["ratio"] > 0
     assert "reader_train /" in out
+    # --profile: the reader's functions by own time, shares of one profiled total
+    assert res["profile"] and all(0 <= r["share"] <= 1 for r in res["profile"])
+    assert sum(r["share"] for r in res["profile"]) <= 1 + 1e-9
+    assert any("read_row_group" in r["function"] for r in res["profile"])
+
+
+def test_optimizer_step(tmp_path, cache):
+    out, res = _run("optimizer_step.py", ["--reps", "1", "--steps", "2"], tmp_path, cache)
+    rows = {(r["optimizer"], r["implementation"]): r for r in res["rows"]}
+    assert {impl for _, impl in rows} == {"default (for-loop on CPU)", "foreach", "fused"}
+    assert all(r["us/step (median)"] > 0 for r in rows.values())
+    for (_, impl), r in rows.items():  # the baseline of each optimizer is its own default implementation
+        if impl.startswith("default"):
+            assert r["vs default"] == 1.0
 
 
 def test_plain_pytorch_prebuilt(tmp_path, cache):
@@ -68,7 +83,8 @@ def test_gpu_check_roofline_on_cpu(tmp_path, cache):
 
 
 @pytest.mark.parametrize("script", ["trainer_vs_roofline.py", "trainer_vs_plain_pytorch.py", "input_pipeline.py",
-                                    "memory_scaling.py", "big_tables.py", "profile_worker.py", "gpu_check.py"])
+                                    "memory_scaling.py", "big_tables.py", "profile_worker.py", "gpu_check.py",
+                                    "export_memory.py", "optimizer_step.py"])
 def test_every_script_parses_its_options(script):
     proc = run_cli([f"benchmarks/{script}", "--help"], timeout=60)  # argparse runs before any heavy import
     assert proc.returncode == 0 and "usage:" in proc.stdout and "--json" in proc.stdout, proc.stderr[-2000:]
