@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         for owner, name, fn in originals:
             setattr(owner, name, fn)
     total = time.perf_counter() - t0
-    tables_mb = sum(os.path.getsize(os.path.join(args.run_dir, f)) for f in ("model.pt",)) / 2**20
+    tables_mb = os.path.getsize(os.path.join(args.run_dir, "model.pt")) / 2**20
     C.print_table(phases, ["phase", "seconds", "RSS before MB", "peak MB", "RSS after MB"],
                   title=f"export of {args.run_dir}: {total:.0f} s; process RSS before {base:,.0f} MB; "
                         f"model.pt {tables_mb:,.0f} MiB (≈ the tables)")

@@ -33,19 +33,14 @@ def main(argv=None) -> int:
 
     import torch
 
-    from data_pipeline.spec import DatasetSpec
     from pimm_model.model import build_model
 
-    torch.set_num_threads(args.threads)
-    cfg = C.default_config()
-    spec = DatasetSpec.load(C.data_from_args(args))
+    _, spec, cfg, _, env = C.bench_setup(args, args.threads)
     model = build_model(cfg.model, C.spec_fields(spec), len(spec.labels), embedding_device=torch.device("cpu"))
     groups = {"Adam, dense layers": (torch.optim.Adam, {"lr": cfg.train.lr},
                                      [p for n, p in model.named_parameters() if "embedding_bags" not in n]),
               "Adagrad, tables": (torch.optim.Adagrad, {"lr": cfg.train.sparse_lr},
                                   [p for n, p in model.named_parameters() if "embedding_bags" in n])}
-    env = C.env_info()
-    C.print_env(env)
     torch.manual_seed(0)
     for _, _, params in groups.values():
         for p in params:

@@ -60,14 +60,14 @@ MODEL_FILE = "model.pt"
 PROGRAM_FILE = "model.pt2"
 MODEL_CARD = "model.json"
 ARTIFACT_FILES = (MODEL_FILE, PROGRAM_FILE, MODEL_CARD)  # what a run folder ships (the card last)
+CARD_VERSION = 2
+EXPORT_TOLERANCE = 1e-6
+PARITY_BATCH = 8192
 
 
 def artifact_files(program: bool = True) -> Tuple[str, ...]:
     """The files an export writes, the card last; without ``program`` no model.pt2."""
     return ARTIFACT_FILES if program else tuple(n for n in ARTIFACT_FILES if n != PROGRAM_FILE)
-CARD_VERSION = 2
-EXPORT_TOLERANCE = 1e-6
-PARITY_BATCH = 8192
 
 
 # ---------------------------------------------------------------------------------------------------- field contracts
